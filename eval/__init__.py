@@ -1,0 +1,1 @@
+"""Offline evaluation: predictions, metrics by feature name, held-out-survey studies."""

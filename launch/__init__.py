@@ -1,0 +1,1 @@
+"""srun / torchrun wrappers and the demo; owns no training logic."""

@@ -1,0 +1,1 @@
+"""The DINOv2 backbone with a morphology head, LoRA adapters and count-aware losses."""

@@ -1,0 +1,1 @@
+"""Survey registry, standard feature schema, catalog mapping, image rendering and shard writing."""

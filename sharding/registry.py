@@ -1,0 +1,106 @@
+"""The survey registry: one YAML per survey in configs/surveys/ describes its facts and catalog columns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sharding.config import CONFIG_ROOT, from_dict, merge, parse_overrides, read_yaml
+from sharding.schema import FeatureSchema, load_schema
+
+SURVEY_DIR = CONFIG_ROOT / "surveys"
+
+
+@dataclass(frozen=True)
+class MockSpec:
+    """How `sharding.mock` renders this survey (ignored for real data)."""
+    cutout_px: int = 96
+    r_eff_arcsec: tuple[float, float] = (1.5, 6.0)  # log-uniform range of galaxy half-light radii
+    sky_noise: float = 0.01  # per-pixel Gaussian sky noise, in the survey's bunit
+    flux_range: tuple[float, float] = (20.0, 400.0)  # total galaxy flux per band, log-uniform, bunit
+    volunteers_mean: float = 40.0  # mean number of classifications per galaxy
+    catalog_format: str = "csv"  # csv | parquet | fits
+    write_file_loc: bool = False  # write a file_loc column instead of relying on image_pattern
+
+
+@dataclass(frozen=True)
+class SurveyConfig:
+    name: str
+    campaign: str
+    pixel_scale_arcsec: float
+    psf_fwhm_arcsec: float
+    bands: list[str]
+    id_column: str
+    ra_column: str
+    dec_column: str
+    catalog: str
+    images: str
+    features: dict[str, list[str]]
+    question_totals: dict[str, list[str]]
+    catalog_reference: str = ""
+    bunit: str = "adu"
+    image_pattern: str = "{id}.fits"
+    count_suffix: str = "_count"
+    fraction_suffix: str = "_fraction"
+    image_size: int = 256
+    samples_per_shard: int = 1000
+    mock: MockSpec = field(default_factory=MockSpec)
+
+    def count_columns(self, feature: str) -> list[str]:
+        return [base + self.count_suffix for base in self.features.get(feature, [])]
+
+    def fraction_columns(self, feature: str) -> list[str]:
+        return [base + self.fraction_suffix for base in self.features.get(feature, [])]
+
+    @property
+    def psf_fwhm_px(self) -> float:
+        return self.psf_fwhm_arcsec / self.pixel_scale_arcsec
+
+
+def validate_survey(survey: SurveyConfig, schema: FeatureSchema, source: str) -> None:
+    """Check a survey's mapping against the feature schema; features it omits are absent (NaN)."""
+    unknown = sorted(set(survey.features) - set(schema.names))
+    if unknown:
+        raise ValueError(f"{source}: features {unknown} are not in the {schema.name} schema "
+                         f"(valid names: {schema.names})")
+    unknown_q = sorted(set(survey.question_totals) - set(schema.question_names))
+    if unknown_q:
+        raise ValueError(f"{source}: question_totals {unknown_q} are not questions of the {schema.name} "
+                         f"schema (valid: {schema.question_names})")
+    for feature, bases in survey.features.items():
+        if not bases:
+            raise ValueError(f"{source}: feature {feature!r} maps to no columns; remove it to mark it absent")
+        question = schema.question_of(feature)
+        if question not in survey.question_totals:
+            raise ValueError(f"{source}: feature {feature!r} is mapped but question_totals has no entry "
+                             f"for its question {question!r}")
+    if survey.pixel_scale_arcsec <= 0 or survey.psf_fwhm_arcsec <= 0:
+        raise ValueError(f"{source}: pixel_scale_arcsec and psf_fwhm_arcsec must be positive")
+    if not survey.bands:
+        raise ValueError(f"{source}: bands must list at least one band")
+
+
+def survey_path(name_or_path: str | Path) -> Path:
+    """A survey name (`hst`) resolves to configs/surveys/hst.yaml; a path is taken as is."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml"):
+        return candidate
+    path = SURVEY_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown survey {str(name_or_path)!r}: no {path}. Known surveys: {list_surveys()}. "
+                         "Add a survey by adding one YAML there.")
+    return path
+
+
+def load_survey(name_or_path: str | Path, overrides: list[str] | None = None,
+                schema: FeatureSchema | None = None) -> SurveyConfig:
+    """Load and validate one survey's YAML, with optional dotted overrides."""
+    path = survey_path(name_or_path)
+    data = merge(read_yaml(path), parse_overrides(overrides))
+    survey = from_dict(SurveyConfig, data, where=str(path))
+    validate_survey(survey, schema or load_schema(), str(path))
+    return survey
+
+
+def list_surveys() -> list[str]:
+    return sorted(p.stem for p in SURVEY_DIR.glob("*.yaml"))

@@ -1,0 +1,1 @@
+"""DeepSpeed ZeRO training: engine set-up, stages, the loop, checkpoints and resume."""
