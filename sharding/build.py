@@ -1,0 +1,218 @@
+"""`python -m sharding.build`: a survey's catalog and cutouts become webdataset shards, labels and a manifest."""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from sharding import images, progress
+from sharding.catalog import Reject, check_columns, file_sha256, load_labels, parse_splits, read_catalog
+from sharding.config import to_dict
+from sharding.registry import SurveyConfig, list_surveys, load_survey
+from sharding.schema import FeatureSchema, load_schema
+from sharding.writer import ShardPacker
+
+MANIFEST_VERSION = 1
+_WORKER: dict = {}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m sharding.build",
+        description="Turn one survey's Galaxy Zoo catalog and image cutouts into webdataset tar shards with DALI "
+                    "index files, labels.parquet (the 26 standard features by name, vote counts, native columns), "
+                    "rejects.parquet (every input that was not sharded, with the reason) and manifest.json. "
+                    "Defaults come from configs/surveys/<survey>.yaml. Re-running after an interruption resumes "
+                    "and gives byte-identical output.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--survey", required=True, help=f"survey name ({', '.join(list_surveys())}) or a YAML path")
+    parser.add_argument("--catalog", help="catalog table (.csv, .parquet, .fits); default: the survey YAML's")
+    parser.add_argument("--images", help="image directory; default: the survey YAML's")
+    parser.add_argument("--out", default="data/shards", help="shard root; the survey's files go to <out>/<survey>/")
+    parser.add_argument("--samples-per-shard", type=int, help="samples per tar (default: survey YAML, 1000)")
+    parser.add_argument("--workers", type=int, default=1, help="image-processing worker processes")
+    parser.add_argument("--image-size", type=int, help="output square size in pixels (default: survey YAML)")
+    parser.add_argument("--image-format", choices=("jpg", "png"), default="jpg", help="8-bit RGB encoding")
+    parser.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality (1-100)")
+    parser.add_argument("--keep-float", action="store_true", help="also store the float16 multi-band cutout (.npy)")
+    parser.add_argument("--image-pattern", help="file name pattern for {id} (and {band}); default: survey YAML")
+    parser.add_argument("--splits", default="train=0.8,val=0.1,test=0.1",
+                        help="split fractions, assigned by a stable hash of the object id")
+    parser.add_argument("--overwrite", action="store_true", help="delete this survey's previous output first")
+    parser.add_argument("--strict", action="store_true", help="exit non-zero if any input was rejected")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def build_params(args: argparse.Namespace, survey: SurveyConfig, catalog: Path, images_dir: Path) -> dict:
+    """Everything that decides the bytes of the output; a resume must match it exactly."""
+    if not 1 <= args.jpeg_quality <= 100:
+        raise ValueError(f"--jpeg-quality must be in 1..100, got {args.jpeg_quality}")
+    size = args.image_size or survey.image_size
+    per_shard = args.samples_per_shard or survey.samples_per_shard
+    if size < 16 or per_shard < 1:
+        raise ValueError("--image-size must be >= 16 and --samples-per-shard >= 1")
+    return {
+        "catalog": str(catalog), "catalog_sha256": file_sha256(catalog), "images": str(images_dir),
+        "image_pattern": args.image_pattern or survey.image_pattern, "image_size": size,
+        "image_format": args.image_format, "jpeg_quality": args.jpeg_quality, "keep_float": args.keep_float,
+        "samples_per_shard": per_shard, "splits": parse_splits(args.splits), "survey": to_dict(survey),
+    }
+
+
+def _init_worker(params: dict) -> None:
+    _WORKER.update(params)
+
+
+def _process(task: tuple) -> tuple:
+    """Render one galaxy in a worker: (position, key, members or None, Reject or None)."""
+    position, key, object_id, row, file_loc = task
+    p = _WORKER
+    paths: list[Path] = []
+    try:
+        paths = images.locate_images(Path(p["images"]), p["image_pattern"], object_id,
+                                     p["survey"]["bands"], file_loc)
+        members = images.prepare_sample(paths, image_size=p["image_size"], image_format=p["image_format"],
+                                        keep_float=p["keep_float"], jpeg_quality=p["jpeg_quality"])
+        return position, key, members, None
+    except images.ImageError as err:
+        files = ";".join(str(x) for x in paths) or (file_loc or "")
+        return position, key, None, Reject("image", err.reason, str(err), row, object_id, files)
+
+
+def _tasks(labels: pd.DataFrame, split: str, start: int) -> list[tuple]:
+    rows = labels[labels["split"] == split]
+    file_locs = rows["file_loc"] if "file_loc" in rows.columns else [None] * len(rows)
+    tasks = list(zip(range(len(rows)), rows["key"], rows["object_id"], map(int, rows["row"]), file_locs))
+    return tasks[start:]
+
+
+def _results(tasks: list[tuple], params: dict, workers: int):
+    if workers <= 1:
+        _init_worker(params)
+        yield from map(_process, tasks)
+        return
+    chunk = max(1, min(16, len(tasks) // (workers * 8) or 1))
+    with multiprocessing.get_context("fork").Pool(workers, _init_worker, (params,)) as pool:
+        yield from pool.imap(_process, tasks, chunksize=chunk)
+
+
+def write_split(out_dir: Path, survey: str, split: str, labels: pd.DataFrame, params: dict,
+                state: progress.SplitState, log: progress.ProgressLog, workers: int, bar) -> None:
+    """Render and pack one split from where an earlier run stopped, logging every completed shard."""
+    tasks = _tasks(labels, split, state.next_position)
+    packer = ShardPacker(out_dir, survey, split, params["samples_per_shard"], first_shard=len(state.records))
+    pending: list[Reject] = []
+    try:
+        for position, key, members, reject in _results(tasks, params, workers):
+            bar.update(1)
+            if reject is not None:
+                pending.append(reject)
+                continue
+            record = packer.add(key, members)
+            if record is not None:
+                log.shard_done(split, record, position + 1, pending)
+                pending = []
+        log.split_done(split, packer.flush(), len(tasks) + state.next_position, pending)
+    except BaseException:
+        packer.abandon()
+        raise
+
+
+def finalize(out_dir: Path, survey: SurveyConfig, schema: FeatureSchema, params: dict, labels: pd.DataFrame,
+             catalog_rejects: list[Reject], states: dict[str, progress.SplitState]) -> dict:
+    """labels.parquet, rejects.parquet and manifest.json from the completed shards."""
+    records = [r for s in states.values() for r in s.records]
+    shard_of = {key: r.name for r in records for key in r.keys}
+    written = labels[labels["key"].isin(shard_of)].copy()
+    written.insert(written.columns.get_loc("split") + 1, "shard", written["key"].map(shard_of))
+    order = {key: i for i, key in enumerate(k for r in records for k in r.keys)}
+    written = written.sort_values("key", key=lambda s: s.map(order)).reset_index(drop=True)
+    progress.write_parquet(written, out_dir / "labels.parquet")
+    image_rejects = [r for s in states.values() for r in s.rejects]
+    rejects = sorted(catalog_rejects + image_rejects, key=lambda r: (r.row, r.stage))
+    progress.write_parquet(progress.rejects_frame(rejects, survey.name), out_dir / "rejects.parquet")
+    manifest = {
+        "schema_version": MANIFEST_VERSION, "survey": survey.name,
+        "survey_meta": {k: params["survey"][k] for k in ("campaign", "pixel_scale_arcsec", "psf_fwhm_arcsec",
+                                                         "bands", "bunit", "catalog_reference")},
+        "feature_schema": {"name": schema.name, "version": schema.version, "features": schema.names,
+                           "questions": {q.name: [f.name for f in q.features] for q in schema.questions}},
+        "build": params,
+        "members": [params["image_format"]] + (["npy"] if params["keep_float"] else []),
+        "num_samples": len(written), "num_rejects": len(rejects),
+        "splits": {split: {"num_samples": sum(r.num_samples for r in s.records), "num_shards": len(s.records)}
+                   for split, s in states.items()},
+        "shards": [r.manifest_entry() for r in records],
+        "labels": "labels.parquet", "rejects": "rejects.parquet",
+    }
+    progress.write_json_atomic(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def print_summary(manifest: dict, rejects: pd.DataFrame, seconds: float, out_dir: Path) -> None:
+    print(f"\n{manifest['survey']}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
+          f"-> {out_dir}  ({seconds:.1f} s)")
+    for split, info in manifest["splits"].items():
+        print(f"  {split:>6}: {info['num_samples']:>7} samples, {info['num_shards']:>4} shards")
+    if len(rejects):
+        print(f"  rejected {len(rejects)} input(s) (see {out_dir / 'rejects.parquet'}):")
+        for (stage, reason), n in sorted(Counter(zip(rejects["stage"], rejects["reason"])).items()):
+            print(f"    {stage:>7} {reason:<16} {n}")
+    else:
+        print("  no rejects")
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    survey = load_survey(args.survey)
+    schema = load_schema()
+    catalog = Path(args.catalog or survey.catalog)
+    images_dir = Path(args.images or survey.images)
+    if not images_dir.is_dir():
+        raise ValueError(f"image directory not found: {images_dir}. Pass --images DIR.")
+    df = read_catalog(catalog)
+    check_columns(df.columns, survey, catalog)
+    params = build_params(args, survey, catalog, images_dir)
+    out_dir = Path(args.out) / survey.name
+    labels, catalog_rejects = load_labels(df, survey, schema, params["splits"])
+    states = progress.prepare(out_dir, params, args.overwrite)
+    if states is None:
+        print(f"{survey.name}: already built in {out_dir} with these arguments; nothing to do "
+              "(use --overwrite to rebuild).")
+        return 0
+    remaining = sum(max(0, int((labels["split"] == s).sum()) - states[s].next_position) for s in states)
+    with progress.ProgressLog(out_dir) as log, tqdm(total=remaining, unit="gal", desc=f"{survey.name} shards",
+                                                    disable=args.no_progress, mininterval=0.5) as bar:
+        for split, state in states.items():
+            if not state.done:
+                write_split(out_dir, survey.name, split, labels, params, state, log, args.workers, bar)
+    states = progress.load_states(out_dir, params)
+    manifest = finalize(out_dir, survey, schema, params, labels, catalog_rejects, states)
+    progress.cleanup(out_dir)
+    rejects = pd.read_parquet(out_dir / "rejects.parquet")
+    print_summary(manifest, rejects, time.perf_counter() - started, out_dir)
+    if args.strict and len(rejects):
+        print(f"--strict: {len(rejects)} input(s) rejected", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
