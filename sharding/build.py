@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from sharding import images, progress
@@ -187,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     if states is None:
         print(f"{survey.name}: already built in {out_dir} with these arguments; nothing to do "
               "(use --overwrite to rebuild).")
-        return 0
+        return _exit_code(args, out_dir)
     remaining = sum(max(0, int((labels["split"] == s).sum()) - states[s].next_position) for s in states)
     with progress.ProgressLog(out_dir) as log, tqdm(total=remaining, unit="gal", desc=f"{survey.name} shards",
                                                     disable=args.no_progress, mininterval=0.5) as bar:
@@ -197,10 +198,14 @@ def run(args: argparse.Namespace) -> int:
     states = progress.load_states(out_dir, params)
     manifest = finalize(out_dir, survey, schema, params, labels, catalog_rejects, states)
     progress.cleanup(out_dir)
-    rejects = pd.read_parquet(out_dir / "rejects.parquet")
-    print_summary(manifest, rejects, time.perf_counter() - started, out_dir)
-    if args.strict and len(rejects):
-        print(f"--strict: {len(rejects)} input(s) rejected", file=sys.stderr)
+    print_summary(manifest, pd.read_parquet(out_dir / "rejects.parquet"), time.perf_counter() - started, out_dir)
+    return _exit_code(args, out_dir)
+
+
+def _exit_code(args: argparse.Namespace, out_dir: Path) -> int:
+    num_rejects = pq.read_metadata(out_dir / "rejects.parquet").num_rows
+    if args.strict and num_rejects:
+        print(f"--strict: {num_rejects} input(s) rejected (see {out_dir / 'rejects.parquet'})", file=sys.stderr)
         return 1
     return 0
 

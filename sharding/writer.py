@@ -13,7 +13,7 @@ import webdataset as wds
 INDEX_VERSION = "v1.2"
 TMP_SUFFIX = ".tmp"
 # A fixed mtime (and webdataset's fixed user/group/mode) makes the same samples give byte-identical tars.
-TAR_MTIME = 0.0
+TAR_MTIME = 0  # an int: a float mtime makes tarfile add a 1 KiB PAX header to every member
 
 
 @dataclass(frozen=True)

@@ -20,3 +20,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def mock_surveys(tmp_path_factory):
+    """Small mock surveys with corrupt inputs, generated once per test session by the real generator."""
+    from sharding.mock import main as mock_main
+
+    root = tmp_path_factory.mktemp("raw")
+    made = {}
+    for name, survey, num, corrupt in [("sdss_corrupt", "sdss", 60, 0.2), ("hst_corrupt", "hst", 40, 0.2)]:
+        out = root / name
+        args = ["--survey", survey, "--num-galaxies", str(num), "--out", str(out), "--seed", "1",
+                "--corrupt-fraction", str(corrupt)]
+        assert mock_main(args) == 0
+        made[name] = out
+    return made
