@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from sharding.config import CONFIG_ROOT, from_dict, merge, parse_overrides, read_yaml
 from sharding.schema import FeatureSchema, load_schema
@@ -19,8 +20,22 @@ class MockSpec:
     sky_noise: float = 0.01  # per-pixel Gaussian sky noise, in the survey's bunit
     flux_range: tuple[float, float] = (20.0, 400.0)  # total galaxy flux per band, log-uniform, bunit
     volunteers_mean: float = 40.0  # mean number of classifications per galaxy
-    catalog_format: str = "csv"  # csv | parquet | fits
+    catalog_format: str = "csv"  # csv | parquet | fits; only used when the catalog path's extension says none
     write_file_loc: bool = False  # write a file_loc column instead of relying on image_pattern
+    gain: float = 1000.0  # detected counts per bunit: source Poisson variance = flux / gain (deeper = larger)
+    saturation: float = 1.0e4  # pixel value where the detector saturates, bunit
+    psf_profile: Literal["gaussian", "moffat"] = "gaussian"
+    moffat_beta: float = 3.5  # Moffat PSF wing index (ground-based seeing ~2.5-4.5)
+    oversample: int = 2  # sub-pixels per pixel side when evaluating profiles, block-summed afterwards
+    bulge_sed: list[float] = field(default_factory=list)  # per-band bulge flux / mean; empty = red ramp
+    disk_sed: list[float] = field(default_factory=list)  # per-band disk flux / mean; empty = flat-blue ramp
+    ra_range: tuple[float, float] = (0.0, 360.0)  # deg, footprint the positions are drawn from
+    dec_range: tuple[float, float] = (-10.0, 10.0)  # deg
+    id_style: Literal["number", "iauname"] = "number"  # iauname: Jhhmmss.ss+ddmmss.s from ra/dec
+    id_start: int = 1  # number ids: id_start + index * id_stride + a random offset below id_stride
+    id_stride: int = 1
+    id_prefix: str = ""  # non-empty: ids are strings "<prefix><number>"
+    native_columns: Literal["ortho", "strip-campaign", "hart16", "willett17"] = "ortho"  # catalog naming
 
 
 @dataclass(frozen=True)
