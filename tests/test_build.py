@@ -228,3 +228,48 @@ def test_verify_finds_tampering(corrupt_build, tmp_path):
     assert "has no row in labels.parquet" in problems
     assert "does not agree" in problems
     assert verify.main([str(copy)]) == 1
+
+
+def test_keep_float_png_output_and_jpeg_inputs(mock_surveys, tmp_path):
+    import io
+    from PIL import Image
+    raw = mock_surveys["hst_corrupt"]
+    out = tmp_path / "float"
+    assert build.main(_build_args(raw, "hst", out, "--keep-float", "--image-format", "png")) == 0
+    manifest = json.loads((out / "hst" / "manifest.json").read_text())
+    assert manifest["members"] == ["png", "npy"]
+    tar = out / "hst" / manifest["shards"][0]["name"]
+    entry = next(iter(_index_entries(tar)))
+    assert set(entry) == {"png", "npy"}
+    npy = np.load(io.BytesIO(entry["npy"]))
+    assert npy.dtype == np.float16 and npy.shape == (2, 64, 64) and np.isfinite(npy).all()
+    assert Image.open(io.BytesIO(entry["png"])).size == (64, 64)
+    # Survey cutouts that arrive as JPEGs (as GZ DECaLS and GZ2 releases do) shard through the same path.
+    jpegs = tmp_path / "jpegs"
+    jpegs.mkdir()
+    labels = pd.read_parquet(out / "hst" / "labels.parquet", columns=["object_id"])
+    for object_id in labels["object_id"][:5]:
+        pixels = np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(jpegs / f"{object_id}.jpg")
+    args = _build_args(raw, "hst", tmp_path / "from_jpeg", "--image-pattern", "{id}.jpg")
+    args[args.index("--images") + 1] = str(jpegs)
+    assert build.main(args) == 0
+    jpeg_manifest = json.loads((tmp_path / "from_jpeg" / "hst" / "manifest.json").read_text())
+    assert jpeg_manifest["num_samples"] == 5
+    rejects = pd.read_parquet(tmp_path / "from_jpeg" / "hst" / "rejects.parquet")
+    image_rejects = rejects[rejects["stage"] == "image"]
+    assert len(image_rejects) > 0 and (image_rejects["reason"] == "missing-file").all()
+
+
+def _index_entries(tar_path):
+    import tarfile
+    with tarfile.open(tar_path) as tar:
+        sample = {}
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            if sample and key != sample["__key__"]:
+                yield {k: v for k, v in sample.items() if k != "__key__"}
+                sample = {}
+            sample["__key__"] = key
+            sample[ext] = tar.extractfile(member).read()
+        yield {k: v for k, v in sample.items() if k != "__key__"}
