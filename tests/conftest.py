@@ -1,6 +1,7 @@
 """Shared pytest fixtures: offline hub, GPU skipping, tiny mock surveys built once per session."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,3 +37,22 @@ def mock_surveys(tmp_path_factory):
         assert mock_main(args) == 0
         made[name] = out
     return made
+
+
+@pytest.fixture(scope="session")
+def shard_root(tmp_path_factory):
+    """A shard root with clean sdss, decals and hst mock surveys (64 px JPEG, 8 samples per shard)."""
+    from sharding import build
+    from sharding.mock import main as mock_main
+    from sharding.registry import load_survey
+
+    raw_root = tmp_path_factory.mktemp("raw_clean")
+    root = tmp_path_factory.mktemp("shards_clean")
+    for survey, num in [("sdss", 72), ("decals", 72), ("hst", 60)]:
+        raw = raw_root / survey
+        assert mock_main(["--survey", survey, "--num-galaxies", str(num), "--out", str(raw), "--seed", "3"]) == 0
+        catalog = raw / Path(load_survey(survey).catalog).name
+        args = ["--survey", survey, "--catalog", str(catalog), "--images", str(raw / "images"), "--out", str(root),
+                "--image-size", "64", "--samples-per-shard", "8", "--no-progress"]
+        assert build.main(args) == 0
+    return root
