@@ -1,0 +1,83 @@
+"""The training run's typed config: data mix, model, optimiser, DeepSpeed and checkpoint settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from loaders.loader import LoaderConfig
+from models.config import LoraSettings
+from loaders.sampler import MixConfig
+from sharding.config import CONFIG_ROOT, from_dict, merge, parse_overrides, read_yaml
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    mix: str = "sdss=0.33,decals=0.33,hst=0.34"  # survey=ratio, exact in every global batch
+    global_batch_size: int = 32  # over all ranks and accumulation micro-steps
+    epoch_samples: int | None = None  # set this or epoch_multiplier
+    epoch_multiplier: float | None = 3.0  # epoch = min(train samples per survey) * this (the plan's sizing)
+    on_exhausted: Literal["repeat", "stop"] = "repeat"
+    shuffle_window_shards: int = 4
+    loader: LoaderConfig = field(default_factory=lambda: LoaderConfig(backend="torch"))
+    val_surveys: list[str] = field(default_factory=list)  # default: the mixed surveys
+    val_max_samples: int = 256  # per survey, per validation pass
+    val_batch_size: int = 32
+
+    def mix_config(self, seed: int) -> MixConfig:
+        return MixConfig(ratios=self.mix, global_batch_size=self.global_batch_size, seed=seed,
+                         epoch_samples=self.epoch_samples, epoch_multiplier=self.epoch_multiplier,
+                         on_exhausted=self.on_exhausted, shuffle_window_shards=self.shuffle_window_shards)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.01  # cosine ends at lr * this
+    grad_clip: float = 1.0
+    layer_decay: float | None = None  # full stage: lr * decay ** (depth from the top) per backbone layer
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: Literal["head", "full", "lora"] = "head"
+    model: str = "tiny"  # configs/models/<name>.yaml or a path
+    model_overrides: list[str] = field(default_factory=list)  # e.g. ["head.dropout=0.2"]
+    lora: LoraSettings = field(default_factory=LoraSettings)  # used by stage "lora"
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: Literal["mse", "dirichlet"] = "dirichlet"
+    zero_stage: int = 2
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_accum_steps: int = 1
+    max_steps: int = 100
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    val_every: int = 50
+    log_every: int = 1
+    init_from: str | None = None  # a previous run's export (head stage -> full)
+    seed: int = 0
+    out_dir: str = "runs/default"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
+        if min(self.max_steps, self.checkpoint_every, self.val_every, self.log_every, self.grad_accum_steps) < 1:
+            raise ValueError("max_steps, checkpoint_every, val_every, log_every and grad_accum_steps must be >= 1")
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """A run YAML (configs/train/*.yaml may `base:` another) plus dotted overrides."""
+    path = Path(path)
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is not None:
+        base_path = Path(base) if Path(base).is_file() else CONFIG_ROOT / "train" / base
+        data = merge(read_yaml(base_path), data)
+    data = merge(data, parse_overrides(overrides))
+    return from_dict(TrainConfig, data, where=str(path))

@@ -1,0 +1,66 @@
+"""Training stages (head, full, LoRA): what trains, the loss, fractions and the final export, via models/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file
+
+from loaders.batch import Batch
+from models.config import load_model_config
+from models.head import MorphologyModel, fractions as head_fractions
+from models.io import WEIGHTS_FILE, read_export_meta, save_export
+from models.lora import apply_lora, is_lora, merge_lora
+from models.losses import batch_loss
+from sharding.schema import FeatureSchema
+from train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from train.loop import Run
+
+
+def build(cfg: TrainConfig, schema: FeatureSchema) -> tuple[MorphologyModel, int]:
+    """The model for a stage and its backbone depth (for layer-wise LR decay)."""
+    model = MorphologyModel(load_model_config(cfg.model, cfg.model_overrides), schema)
+    if cfg.init_from:
+        meta = read_export_meta(cfg.init_from)
+        if meta["output_names"] != model.output_names:
+            raise ValueError(f"init_from {cfg.init_from}: its outputs differ from this model's schema")
+        model.load_state_dict(load_file(Path(cfg.init_from) / WEIGHTS_FILE), strict=True)
+    if cfg.stage == "head":
+        model.backbone.requires_grad_(False)
+    elif cfg.stage == "lora":
+        apply_lora(model, cfg.lora)
+    return model, model.config.backbone.num_hidden_layers
+
+
+def loss(kind: str, raw_logits: torch.Tensor, batch: Batch, schema: FeatureSchema,
+         model: MorphologyModel) -> torch.Tensor:
+    return batch_loss(kind, raw_logits, batch, model.layout)
+
+
+def fractions(raw_logits: torch.Tensor, model: MorphologyModel) -> torch.Tensor:
+    return head_fractions(raw_logits, model.layout)
+
+
+def slice_batch(batch: Batch, part: slice) -> Batch:
+    return Batch(batch.images[part], batch.features[part], batch.feature_mask[part], batch.votes[part],
+                 batch.total_votes[part], batch.survey[part], batch.keys[part])
+
+
+def export(run: Run, state_dict: dict[str, torch.Tensor]) -> Path | None:
+    """Rank 0 writes <out_dir>/export (safetensors + config + schema) from consolidated fp32 weights."""
+    if not run.world.is_main:
+        return None
+    model = run.engine.module
+    if is_lora(model):
+        # The fp32 state dict has peft's key names: load it into the LoRA model, then merge to plain weights.
+        model.load_state_dict(state_dict, strict=True)
+        model = merge_lora(model)
+        state_dict = None
+    folder = save_export(model, run.out_dir / "export", state_dict=state_dict,
+                         metadata={"stage": run.cfg.stage, "step": run.step, "loss": run.cfg.loss})
+    run.log.event({"event": "export", "step": run.step, "path": str(folder)})
+    return folder
