@@ -112,6 +112,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 3e-4 (no dot) as a string; users mean the number
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{where}: expected float, got {value!r}") from None
     if hint in (int, float) and isinstance(value, bool):
         raise ValueError(f"{where}: expected {hint.__name__}, got a boolean")
     if isinstance(hint, type) and not isinstance(value, hint):

@@ -43,6 +43,7 @@ def test_config_overrides_types_and_unknown_keys(tmp_path):
     with pytest.raises(ValueError, match="missing required key 'steps'"):
         from_dict(Outer, {})
     assert parse_overrides(["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
+    assert load_config(Outer, path, ["inner.rate=3e-4"]).inner.rate == 3e-4  # YAML 1.1 reads this as a string
 
 
 def test_every_yaml_in_configs_parses():

@@ -37,7 +37,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, on_cuda: bool) -> dict[s
         "optimizer": {"type": "AdamW", "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": 1e-8,
                                                   "weight_decay": optim.weight_decay, "torch_adam": not on_cuda}},
         "scheduler": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": cfg.max_steps, "warmup_num_steps": min(optim.warmup_steps, cfg.max_steps),
+            "total_num_steps": cfg.max_steps, "warmup_num_steps": max(1, min(optim.warmup_steps, cfg.max_steps)),
             "warmup_min_ratio": 0.0, "cos_min_ratio": optim.min_lr_ratio, "warmup_type": "linear"}},
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": cfg.precision == "bf16"},

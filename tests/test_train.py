@@ -1,0 +1,165 @@
+"""Training under DeepSpeed on CPU: configs, one process, 2-process torchrun ZeRO-2/3, kill + resume, pre-emption."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sharding.config import CONFIG_ROOT
+from train.config import load_train_config
+from train.world import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(CONFIG_ROOT / "train" / "tiny.yaml")
+
+
+def _overrides(shard_root: Path, **extra) -> list[str]:
+    base = {"data.loader.shard_root": str(shard_root), "data.loader.image_size": 56, "data.loader.num_workers": 0,
+            "data.global_batch_size": 12, "data.val_max_samples": 16, "val_every": 1000, "log_every": 1}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _command(nproc: int, out_dir: Path, max_steps: int, overrides: list[str], resume: str = "none") -> list[str]:
+    train_args = ["--config", TINY, "--out-dir", str(out_dir), "--max-steps", str(max_steps), "--resume", resume,
+                  *overrides]
+    if nproc == 1:
+        return [sys.executable, "-m", "train", *train_args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port()), "-m", "train", *train_args]
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def _steps(out_dir: Path) -> dict[int, dict]:
+    """The last record of every step (a killed run may have logged steps that the resumed run redoes)."""
+    records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in records if "event" not in r}
+
+
+def _events(out_dir: Path, kind: str) -> list[dict]:
+    records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    return [r for r in records if r.get("event") == kind]
+
+
+def test_every_train_config_loads_and_unknown_keys_fail():
+    for path in sorted((CONFIG_ROOT / "train").glob("*.yaml")):
+        cfg = load_train_config(path)
+        assert cfg.stage in ("head", "full", "lora"), path
+    with pytest.raises(ValueError, match="unknown key"):
+        load_train_config(TINY, ["optim.learning_rate=1"])
+    with pytest.raises(ValueError, match="zero_stage"):
+        load_train_config(TINY, ["zero_stage=4"])
+
+
+def test_deepspeed_config_mapping():
+    from train.engine import deepspeed_config
+    cfg = load_train_config(TINY, ["data.global_batch_size=24", "grad_accum_steps=3", "precision=bf16",
+                                   "zero_stage=3", "max_steps=50", "optim.warmup_steps=10"])
+    ds = deepspeed_config(cfg, world_size=2, on_cuda=False)
+    assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 3 and ds["zero_optimization"]["stage"] == 3
+    assert ds["bf16"]["enabled"] and ds["optimizer"]["params"]["torch_adam"]
+    assert ds["scheduler"]["params"]["total_num_steps"] == 50 and ds["scheduler"]["params"]["warmup_num_steps"] == 10
+    with pytest.raises(ValueError, match="divisible"):
+        deepspeed_config(cfg, world_size=5, on_cuda=False)
+
+
+def test_single_process_tiny_run_logs_checkpoints_and_exports(shard_root, tmp_path):
+    import numpy as np
+    import torch
+    from models.io import load_export
+    out = tmp_path / "run"
+    _run(_command(1, out, 4, _overrides(shard_root, checkpoint_every=2, val_every=2)))
+    steps = _steps(out)
+    assert sorted(steps) == [1, 2, 3, 4]
+    for record in steps.values():
+        assert {"loss", "lr", "img_per_s", "data_wait_fraction", "survey_counts", "batch_keys_hash"} <= set(record)
+        assert sum(record["survey_counts"].values()) == 12 and np.isfinite(record["loss"])
+    validation = _events(out, "validation")
+    assert [v["step"] for v in validation] == [2, 4]
+    assert set(validation[-1]["surveys"]) == {"sdss", "decals", "hst"}
+    assert "bar_yes" in validation[-1]["surveys"]["sdss"]["features"]
+    meta = json.loads((out / "checkpoints" / "step00000004" / "meta.json").read_text())
+    assert meta["sampler"]["samples_consumed"] == 48 and len(meta["schema"]) == 26 and meta["config"]["stage"]
+    assert (out / "config.yaml").is_file() and (out / "deepspeed.json").is_file()
+    assert any((out / "tensorboard").iterdir())
+    model = load_export(out / "export")
+    assert model.output_names[0] == "smooth-or-featured_smooth"
+    with torch.no_grad():
+        fractions = model.fractions(model(torch.zeros(2, 3, 56, 56)))
+    assert torch.allclose(fractions[:, :3].sum(dim=1), torch.ones(2), atol=1e-5)
+
+
+def _kill_after_checkpoint(cmd: list[str], out_dir: Path, tag: str, timeout: float = 240) -> None:
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    meta = out_dir / "checkpoints" / tag / "meta.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline and not meta.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert meta.exists(), "the run died before its checkpoint"
+    assert not (out_dir / "export").exists(), "the run finished before it could be killed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_torchrun_kill_and_resume_matches_uninterrupted(shard_root, tmp_path, zero_stage):
+    overrides = _overrides(shard_root, checkpoint_every=3, zero_stage=zero_stage, **{"model_overrides": "[head.dropout=0.3]"})
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    _run(_command(2, reference, 8, overrides))
+    _kill_after_checkpoint(_command(2, resumed, 8, overrides), resumed, "step00000003")
+    _run(_command(2, resumed, 8, overrides, resume="auto"))
+    ref, res = _steps(reference), _steps(resumed)
+    assert sorted(res) == sorted(ref) == list(range(1, 9))
+    for step in range(1, 9):
+        assert res[step]["batch_keys_hash"] == ref[step]["batch_keys_hash"], step
+        assert res[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5, abs=1e-6), step
+        assert res[step]["survey_counts"] == ref[step]["survey_counts"]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_resume_continues(shard_root, tmp_path):
+    overrides = _overrides(shard_root, checkpoint_every=1000)
+    reference, preempted = tmp_path / "reference", tmp_path / "preempted"
+    _run(_command(1, reference, 10, overrides))
+    proc = subprocess.Popen(_command(1, preempted, 10, overrides), cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = preempted / "log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (log.exists() and len(_steps(preempted)) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    saved = _events(preempted, "checkpoint")
+    assert saved and saved[-1]["reason"] == "signal 15" and not (preempted / "export").exists()
+    _run(_command(1, preempted, 10, overrides, resume="auto"))
+    ref, res = _steps(reference), _steps(preempted)
+    assert [res[s]["batch_keys_hash"] for s in range(1, 11)] == [ref[s]["batch_keys_hash"] for s in range(1, 11)]
+    assert [res[s]["loss"] for s in range(1, 11)] == pytest.approx([ref[s]["loss"] for s in range(1, 11)], rel=1e-5)
+
+
+def test_nan_loss_stops_with_step_and_keys(shard_root, tmp_path):
+    cmd = _command(1, tmp_path / "nan", 6, _overrides(shard_root, **{"optim.lr": "1e30", "optim.warmup_steps": 0,
+                                                                     "optim.grad_clip": 0}))
+    result = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "loss is nan at step" in result.stderr.lower() and "batch keys" in result.stderr
