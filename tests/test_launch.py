@@ -1,0 +1,75 @@
+"""launch: SLURM node lists and environment mapping, sbatch scripts, and real srun-style tasks on gloo."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.__main__ import main as launch_main
+from launch.slurm import expand_nodelist, sbatch_script, torch_env_from_slurm
+from sharding.config import CONFIG_ROOT
+from train.world import free_port, world_from_env
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_expand_nodelist():
+    assert expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
+    assert expand_nodelist("nid[001000-001001]") == ["nid001000", "nid001001"]
+    assert expand_nodelist("localhost") == ["localhost"]
+
+
+def test_slurm_to_torch_env_and_world():
+    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "gpu[10-13]",
+           "SLURM_JOB_ID": "123456", "SLURM_NTASKS_PER_NODE": "2(x4)"}
+    mapped = torch_env_from_slurm(env)
+    assert mapped["MASTER_ADDR"] == "gpu10" and mapped["LOCAL_WORLD_SIZE"] == "2"
+    assert mapped["MASTER_PORT"] == str(20000 + 123456 % 20000)
+    world = world_from_env(mapped)
+    assert (world.rank, world.local_rank, world.world_size) == (5, 1, 8)
+    with pytest.raises(ValueError, match="not inside an srun task"):
+        torch_env_from_slurm({})
+
+
+def test_sbatch_script_requeues_and_resumes(tmp_path, capsys):
+    script = sbatch_script(job_name="j", nodes=4, gpus_per_node=4, cpus_per_task=8, time="1:00:00",
+                           train_args=["--config", "c.yaml"], partition="gpu")
+    assert "#SBATCH --nodes=4" in script and "#SBATCH --ntasks-per-node=4" in script
+    assert "#SBATCH --signal=USR1@300" in script and "--requeue" in script and "--partition=gpu" in script
+    path = tmp_path / "job.sbatch"
+    assert launch_main(["sbatch", "--dry-run", "--script", str(path), "--", "--config", "c.yaml"]) == 0
+    assert "-m launch srun -- --resume auto --config c.yaml" in path.read_text()
+
+
+def test_torchrun_dry_run(capsys):
+    assert launch_main(["torchrun", "--nproc-per-node", "4", "--dry-run", "--", "--config", "x.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "torch.distributed.run --nproc_per_node 4" in out and "-m train --config x.yaml" in out
+
+
+@pytest.mark.slow
+def test_two_srun_tasks_train_together(shard_root, tmp_path):
+    """Two processes with only SLURM variables (as srun starts them) form one gloo job and train."""
+    out = tmp_path / "run"
+    port = free_port()
+    args = ["--config", str(CONFIG_ROOT / "train" / "tiny.yaml"), "--out-dir", str(out), "--max-steps", "2",
+            f"data.loader.shard_root={shard_root}", "data.loader.image_size=56", "data.global_batch_size=12",
+            "val_every=1000", "data.val_max_samples=8"]
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+        env.update(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="2", SLURM_JOB_ID="1",
+                   SLURM_JOB_NODELIST="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-m", "launch", "srun", "--", *args], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "event" not in r]
+    assert [s["step"] for s in steps] == [1, 2]
+    assert (out / "export" / "model.safetensors").is_file()
+    meta = json.loads((out / "checkpoints" / "step00000002" / "meta.json").read_text())
+    assert meta["world_size"] == 2
