@@ -58,6 +58,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     val_every: int = 50
+    val_at_start: bool = False  # validate the untrained model first: the baseline the run must beat
     log_every: int = 1
     init_from: str | None = None  # a previous run's export (head stage -> full)
     seed: int = 0

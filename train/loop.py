@@ -142,6 +142,8 @@ def train(run: Run) -> dict:
     """Steps until max_steps (or a pre-emption signal); returns the last validation results."""
     cfg, results = run.cfg, {}
     _install_signal_handlers(run)
+    if cfg.val_at_start and run.step == 0:
+        validate.run_validation(run)
     while run.step < cfg.max_steps:
         stream = iter(run.loader)
         while run.step < cfg.max_steps:
