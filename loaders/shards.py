@@ -118,6 +118,10 @@ def load_shard_root(root: str | Path, surveys: list[str], split: str = "train",
     return [load_survey_shards(root / s, split, schema) for s in surveys]
 
 
+MAX_OPEN_SHARDS = 64
+"""Open shard files a SampleReader keeps (per process); the sampler reads a few shards per survey at a time."""
+
+
 class SampleReader:
     """Reads sample members by offset with pread; one open file per shard, per process (fork-safe)."""
 
@@ -142,10 +146,12 @@ class SampleReader:
     def _fd(self, survey: int, shard: int) -> int:
         if os.getpid() != self._pid:  # forked into a loader worker: do not share the parent's offsets/handles
             self._fds, self._pid = {}, os.getpid()
-        fd = self._fds.get((survey, shard))
+        fd = self._fds.pop((survey, shard), None)  # re-inserted below: least recently used stays first
         if fd is None:
+            if len(self._fds) >= MAX_OPEN_SHARDS:  # an epoch visits every shard: bound the open files
+                os.close(self._fds.pop(next(iter(self._fds))))
             fd = os.open(self.surveys[survey].paths[shard], os.O_RDONLY)
-            self._fds[(survey, shard)] = fd
+        self._fds[(survey, shard)] = fd
         return fd
 
     def close(self) -> None:

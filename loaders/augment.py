@@ -1,0 +1,257 @@
+"""Augmentation: its config, per-sample parameters drawn in Python, the per-sample plan, and the torch ops."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CONTRAST_CENTER = 128.0
+"""Pixel level (0..255) that contrast jitter leaves unchanged: mid-grey, DALI's default for 8-bit data."""
+
+AUGMENT_STREAM = 0x6175676D
+"""Extra seed word ("augm") so augmentation draws never share a stream with the sampler's shuffles."""
+
+MIN_SIGMA = 1e-3
+"""A blur this narrow is the identity (its 3-tap kernel is [0, 1, 0]); used where an op needs sigma > 0."""
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """What to randomise per sample; every number is drawn in Python so both backends see the same."""
+
+    enabled: bool = False
+    """Master switch; off gives the plain decode -> resize -> normalise path (evaluation)."""
+    rotation_deg: float = 180.0
+    """Rotation angle drawn uniformly in [-rotation_deg, rotation_deg]; galaxies have no preferred angle."""
+    hflip_prob: float = 0.5
+    vflip_prob: float = 0.5
+    fit_rotation: bool = True
+    """Shrink a rotated crop window until it lies inside the image, so no border pixels are invented
+    (costs up to 1.41x zoom at 45 degrees); False keeps the window and repeats edge pixels at corners."""
+    crop_scale: tuple[float, float] = (0.64, 1.0)
+    """Random resized crop: area of the window as a fraction of the image."""
+    crop_ratio: tuple[float, float] = (0.75, 4 / 3)
+    """Random resized crop: width / height of the window, drawn log-uniformly."""
+    brightness: float = 0.1
+    """Brightness factor drawn in [1 - brightness, 1 + brightness]."""
+    contrast: float = 0.1
+    """Contrast factor drawn in [1 - contrast, 1 + contrast], about CONTRAST_CENTER."""
+    degrade_prob: float = 0.0
+    """Probability of the survey-degradation transform (PSF blur, coarser pixels, noise) per sample."""
+    degrade_surveys: tuple[str, ...] = ()
+    """Surveys that may be degraded (e.g. [hst]); empty means every survey."""
+    psf_sigma_px: tuple[float, float] = (0.5, 2.0)
+    """Extra Gaussian PSF sigma, in pixels of the survey's image."""
+    resample_factor: tuple[float, float] = (1.0, 2.0)
+    """Down-then-up resampling factor (1 keeps the pixel grid; 2 halves the resolution)."""
+    noise_std: tuple[float, float] = (0.0, 4.0)
+    """Standard deviation of additive Gaussian noise on the coarse grid, in 0..255 pixel units."""
+
+    def __post_init__(self) -> None:
+        for name in ("hflip_prob", "vflip_prob", "degrade_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"augment.{name} must be a probability in [0, 1], got {getattr(self, name)!r}")
+        for name in ("rotation_deg", "brightness", "contrast"):
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"augment.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.brightness >= 1.0 or self.contrast >= 1.0:
+            raise ValueError("augment.brightness and augment.contrast must be < 1 (factors stay positive)")
+        _check_range("crop_scale", self.crop_scale, 0.0, 1.0, open_low=True)
+        _check_range("crop_ratio", self.crop_ratio, 0.0, math.inf, open_low=True)
+        _check_range("psf_sigma_px", self.psf_sigma_px, 0.0, math.inf)
+        _check_range("resample_factor", self.resample_factor, 1.0, math.inf)
+        _check_range("noise_std", self.noise_std, 0.0, math.inf)
+        object.__setattr__(self, "crop_scale", tuple(self.crop_scale))
+        object.__setattr__(self, "crop_ratio", tuple(self.crop_ratio))
+        object.__setattr__(self, "degrade_surveys", tuple(self.degrade_surveys))
+
+
+def _check_range(name: str, value: tuple[float, float], low: float, high: float, open_low: bool = False) -> None:
+    if len(value) != 2 or not (low <= value[0] <= value[1] <= high) or (open_low and value[0] <= low):
+        relation = "<" if open_low else "<="
+        raise ValueError(f"augment.{name} must be [min, max] with {low} {relation} min <= max <= {high}, "
+                         f"got {list(value)!r}")
+
+
+@dataclass(frozen=True)
+class SampleDraw:
+    """The random numbers of one global sample position, before the image size is known."""
+
+    angle_deg: float = 0.0
+    hflip: bool = False
+    vflip: bool = False
+    crop_scale: float = 1.0
+    crop_log_ratio: float = 0.0
+    crop_u: float = 0.5
+    """Window centre between its leftmost (0) and rightmost (1) position."""
+    crop_v: float = 0.5
+    brightness: float = 1.0
+    contrast: float = 1.0
+    degrade_u: float = 1.0
+    """Compared with degrade_prob: the transform applies when degrade_u < degrade_prob."""
+    psf_sigma_px: float = 0.0
+    resample_factor: float = 1.0
+    noise_std: float = 0.0
+    noise_seed: int = 0
+
+
+def draw_batch(cfg: AugmentConfig, seed: int, epoch: int, batch_index: int, global_batch_size: int,
+               positions: slice) -> list[SampleDraw]:
+    """Draws for `positions` of one global batch, seeded by (seed, epoch, batch): the same on any rank split.
+
+    The whole batch is drawn at once and then sliced, so a position's numbers depend on neither the
+    world size nor the loader worker; a resumed run redraws exactly what it would have seen.
+    """
+    if not cfg.enabled:
+        return [SampleDraw() for _ in range(positions.stop - positions.start)]
+    rng = np.random.default_rng([seed, epoch, batch_index, AUGMENT_STREAM])
+    n = global_batch_size
+    log_ratio = np.log(cfg.crop_ratio)
+    columns = {
+        "angle_deg": rng.uniform(-cfg.rotation_deg, cfg.rotation_deg, n),
+        "hflip": rng.random(n) < cfg.hflip_prob,
+        "vflip": rng.random(n) < cfg.vflip_prob,
+        "crop_scale": rng.uniform(*cfg.crop_scale, n),
+        "crop_log_ratio": rng.uniform(log_ratio[0], log_ratio[1], n),
+        "crop_u": rng.random(n),
+        "crop_v": rng.random(n),
+        "brightness": rng.uniform(1 - cfg.brightness, 1 + cfg.brightness, n),
+        "contrast": rng.uniform(1 - cfg.contrast, 1 + cfg.contrast, n),
+        "degrade_u": rng.random(n),
+        "psf_sigma_px": rng.uniform(*cfg.psf_sigma_px, n),
+        "resample_factor": rng.uniform(*cfg.resample_factor, n),
+        "noise_std": rng.uniform(*cfg.noise_std, n),
+        "noise_seed": rng.integers(0, 2**63 - 1, n),
+    }
+    return [SampleDraw(**{name: values[i].item() for name, values in columns.items()})
+            for i in range(positions.start, positions.stop)]
+
+
+@dataclass(frozen=True, eq=False)
+class SamplePlan:
+    """Concrete operations for one decoded image; dali.py and apply_plan run exactly these.
+
+    Order: [degrade: Gaussian blur (PSF + antialias) -> bilinear warp onto a coarser grid -> add noise]
+    -> [antialias blur when the final warp shrinks] -> bilinear warp to the output -> brightness/contrast.
+    Matrices map destination pixel coordinates to source ones, (0, 0) being the first pixel's corner.
+    """
+
+    degrade: bool
+    degrade_sigma: float
+    small_hw: tuple[int, int]
+    down_matrix: np.ndarray  # (2, 3) float32
+    noise: np.ndarray | None  # (h_small, w_small, 3) float32 when degraded
+    prefilter_sigma: float
+    matrix: np.ndarray  # (2, 3) float32, output -> (degraded) image
+    brightness: float
+    contrast: float
+
+
+def make_plan(cfg: AugmentConfig, draw: SampleDraw, src_hw: tuple[int, int], out_size: int,
+              survey: str) -> SamplePlan:
+    """Turn one position's draws into operations for an image of `src_hw` (height, width) pixels."""
+    h, w = src_hw
+    matrix = _crop_matrix(cfg, draw, h, w, out_size) if cfg.enabled else _scale_matrix(w / out_size, h / out_size)
+    degrade = (cfg.enabled and draw.degrade_u < cfg.degrade_prob
+               and (not cfg.degrade_surveys or survey in cfg.degrade_surveys))
+    small_hw, down, noise, degrade_sigma = (h, w), _scale_matrix(1.0, 1.0), None, 0.0
+    if degrade:
+        small_hw = (max(1, round(h / draw.resample_factor)), max(1, round(w / draw.resample_factor)))
+        down = _scale_matrix(w / small_hw[1], h / small_hw[0])
+        # One blur does both the extra PSF and the antialiasing of the coarser grid (variances add).
+        degrade_sigma = math.hypot(draw.psf_sigma_px, antialias_sigma(max(w / small_hw[1], h / small_hw[0])))
+        noise_rng = np.random.default_rng([draw.noise_seed, AUGMENT_STREAM])
+        noise = (noise_rng.standard_normal((*small_hw, 3), dtype=np.float32) * np.float32(draw.noise_std))
+        matrix = _scale_matrix(small_hw[1] / w, small_hw[0] / h) @ np.vstack([matrix, [0, 0, 1]])
+    shrink = float(np.linalg.norm(matrix[:, :2].astype(np.float64), 2))  # input pixels per output pixel
+    return SamplePlan(degrade=degrade, degrade_sigma=max(degrade_sigma, MIN_SIGMA), small_hw=small_hw,
+                      down_matrix=down.astype(np.float32), noise=noise, prefilter_sigma=antialias_sigma(shrink),
+                      matrix=matrix.astype(np.float32), brightness=draw.brightness, contrast=draw.contrast)
+
+
+def antialias_sigma(shrink: float) -> float:
+    """Gaussian prefilter sigma (input pixels) before bilinear resampling by `shrink` input px per output px.
+
+    Bilinear sampling already averages with variance 1/6 px^2; an antialiasing triangle filter as wide
+    as the output pixel has variance shrink^2 / 6, so the blur adds the difference. 0 when enlarging.
+    """
+    return math.sqrt((shrink * shrink - 1.0) / 6.0) if shrink > 1.0 + 1e-6 else 0.0
+
+
+def _scale_matrix(sx: float, sy: float) -> np.ndarray:
+    return np.array([[sx, 0.0, 0.0], [0.0, sy, 0.0]])
+
+
+def _crop_matrix(cfg: AugmentConfig, draw: SampleDraw, h: int, w: int, out_size: int) -> np.ndarray:
+    area, ratio = draw.crop_scale * h * w, math.exp(draw.crop_log_ratio)
+    crop_w, crop_h = min(math.sqrt(area * ratio), w), min(math.sqrt(area / ratio), h)
+    theta = math.radians(draw.angle_deg)
+    cos, sin = math.cos(theta), math.sin(theta)
+    box_w, box_h = crop_w, crop_h
+    if cfg.fit_rotation:
+        box_w, box_h = crop_w * abs(cos) + crop_h * abs(sin), crop_w * abs(sin) + crop_h * abs(cos)
+        shrink = min(1.0, w / box_w, h / box_h)
+        crop_w, crop_h, box_w, box_h = crop_w * shrink, crop_h * shrink, box_w * shrink, box_h * shrink
+    centre = np.array([box_w / 2 + draw.crop_u * (w - box_w), box_h / 2 + draw.crop_v * (h - box_h)])
+    # Output pixel -> window coordinates (flipped about the window centre) -> rotated into the image.
+    flips = np.diag([-1.0 if draw.hflip else 1.0, -1.0 if draw.vflip else 1.0])
+    linear = np.array([[cos, -sin], [sin, cos]]) @ np.diag([crop_w / out_size, crop_h / out_size]) @ flips
+    offset = centre - linear @ np.array([out_size / 2, out_size / 2])
+    return np.hstack([linear, offset[:, None]])
+
+
+# --- torch implementation (the torch backend; float32 CHW images in 0..255 units) ---
+
+def apply_plan(image: torch.Tensor, plan: SamplePlan, out_size: int) -> torch.Tensor:
+    """Run a plan on one (3, H, W) float32 image; returns (3, out_size, out_size)."""
+    if plan.degrade:
+        image = gaussian_blur(image, plan.degrade_sigma)
+        image = warp_affine(image, plan.down_matrix, plan.small_hw)
+        image = image + torch.from_numpy(plan.noise).permute(2, 0, 1)
+    if plan.prefilter_sigma > 0:
+        image = gaussian_blur(image, plan.prefilter_sigma)
+    image = warp_affine(image, plan.matrix, (out_size, out_size))
+    if plan.brightness != 1.0 or plan.contrast != 1.0:
+        image = plan.brightness * (CONTRAST_CENTER + plan.contrast * (image - CONTRAST_CENTER))
+    return image
+
+
+def warp_affine(image: torch.Tensor, matrix: np.ndarray, out_hw: tuple[int, int]) -> torch.Tensor:
+    """Bilinear warp with clamped borders, as DALI's fn.warp_affine without fill_value."""
+    _, h, w = image.shape
+    out_h, out_w = out_hw
+    ys, xs = torch.meshgrid(torch.arange(out_h, dtype=torch.float64) + 0.5,
+                            torch.arange(out_w, dtype=torch.float64) + 0.5, indexing="ij")
+    m = torch.from_numpy(np.asarray(matrix, dtype=np.float64))
+    src_x = m[0, 0] * xs + m[0, 1] * ys + m[0, 2]
+    src_y = m[1, 0] * xs + m[1, 1] * ys + m[1, 2]
+    # grid_sample with align_corners=False puts -1 and 1 on the outer pixel edges, DALI's convention.
+    grid = torch.stack([src_x * (2.0 / w) - 1.0, src_y * (2.0 / h) - 1.0], dim=-1).to(torch.float32)
+    return F.grid_sample(image[None], grid[None], mode="bilinear", padding_mode="border",
+                         align_corners=False)[0]
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur with DALI's kernel (radius ceil(3 sigma)) and reflect-101 borders."""
+    radius = math.ceil(3 * sigma)
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(image.dtype)
+    _, h, w = image.shape
+    # Channels as a batch of 1-channel images: two 1-D convolutions over reflect-101 padded copies.
+    image = image.index_select(1, _reflect101(torch.arange(-radius, h + radius), h))[:, None]
+    image = F.conv2d(image, kernel.view(1, 1, -1, 1))
+    image = image.index_select(3, _reflect101(torch.arange(-radius, w + radius), w))
+    return F.conv2d(image, kernel.view(1, 1, 1, -1))[:, 0]
+
+
+def _reflect101(index: torch.Tensor, size: int) -> torch.Tensor:
+    if size == 1:
+        return torch.zeros_like(index)
+    period = 2 * (size - 1)
+    index = torch.remainder(index, period)
+    return torch.where(index >= size, period - index, index)

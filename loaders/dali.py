@@ -1,0 +1,175 @@
+"""The DALI backend (the only module importing nvidia.dali): external-source refs, DALI decode + augment."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from loaders.augment import CONTRAST_CENTER
+from loaders.sampler import epoch_length
+
+if TYPE_CHECKING:
+    from loaders.loader import BatchSource, LoaderConfig, PreparedBatch
+
+DecodedBatch = tuple[int, torch.Tensor, np.ndarray, list[str], np.ndarray]
+
+# Every external_source output: (name, dtype, ndim, layout). One row per sample of the batch.
+SOURCE_OUTPUTS = [
+    ("encoded", types.UINT8, 1, ""),
+    ("key", types.UINT8, 1, ""),  # utf-8, zero-padded to BatchSource.key_length
+    ("ref", types.INT64, 1, ""),  # (survey, shard, index) actually read
+    ("position", types.INT64, 1, ""),  # (epoch, batch index): checks the order at the other end
+    ("num_skipped", types.INT32, 0, ""),
+    ("degrade", types.BOOL, 0, ""),
+    ("degrade_sigma", types.FLOAT, 0, ""),
+    ("small_hw", types.FLOAT, 1, ""),
+    ("down_matrix", types.FLOAT, 2, ""),
+    ("noise", types.FLOAT, 3, "HWC"),  # (1, 1, 3) zeros where not degraded: only degraded samples use it
+    ("prefilter", types.BOOL, 0, ""),
+    ("prefilter_sigma", types.FLOAT, 0, ""),
+    ("matrix", types.FLOAT, 2, ""),
+    ("brightness", types.FLOAT, 0, ""),
+    ("contrast", types.FLOAT, 0, ""),
+]
+PIPELINE_OUTPUTS = ["images", "key", "ref", "position", "num_skipped"]
+_NO_NOISE = np.zeros((1, 1, 3), np.float32)
+
+
+class DaliSource:
+    """The parallel external_source callback: BatchInfo -> one rank's batch, from (epoch, batch) alone.
+
+    A pipeline starts at (first_epoch, first_batch); DALI counts epochs from 0 at each reset, so
+    epoch_idx k > 0 means epoch first_epoch + k from its first batch. Picklable, stateless per call.
+    """
+
+    def __init__(self, source: BatchSource, first_epoch: int, first_batch: int, num_batches: int) -> None:
+        self.source, self.first_epoch, self.first_batch = source, first_epoch, first_batch
+        self.num_batches = num_batches
+
+    def __call__(self, info: types.BatchInfo) -> tuple[list[np.ndarray], ...]:
+        epoch = self.first_epoch + info.epoch_idx
+        batch_index = info.iteration + (self.first_batch if info.epoch_idx == 0 else 0)
+        if batch_index >= self.num_batches:
+            raise StopIteration
+        prepared = self.source.prepare(epoch, batch_index, self.source.batch_refs(epoch, batch_index))
+        return pack(prepared, epoch, self.source.key_length)
+
+
+def pack(prepared: PreparedBatch, epoch: int, key_length: int) -> tuple[list[np.ndarray], ...]:
+    """A PreparedBatch as external_source outputs, in SOURCE_OUTPUTS order."""
+    columns: dict[str, list[np.ndarray]] = {name: [] for name, *_ in SOURCE_OUTPUTS}
+    for i, plan in enumerate(prepared.plans):
+        key = np.zeros(key_length, np.uint8)
+        encoded_key = prepared.keys[i].encode()
+        key[:len(encoded_key)] = np.frombuffer(encoded_key, np.uint8)
+        row = {
+            "encoded": np.frombuffer(prepared.data[i], np.uint8), "key": key, "ref": prepared.refs[i].copy(),
+            "position": np.array([epoch, prepared.batch_index], np.int64),
+            "num_skipped": np.array(prepared.num_skipped[i], np.int32),
+            "degrade": np.array(plan.degrade), "degrade_sigma": np.array(plan.degrade_sigma, np.float32),
+            "small_hw": np.array(plan.small_hw, np.float32), "down_matrix": plan.down_matrix,
+            "noise": plan.noise if plan.noise is not None else _NO_NOISE,
+            "prefilter": np.array(plan.prefilter_sigma > 0), "prefilter_sigma": np.array(
+                plan.prefilter_sigma, np.float32),
+            "matrix": plan.matrix, "brightness": np.array(plan.brightness, np.float32),
+            "contrast": np.array(plan.contrast, np.float32)}
+        for name, value in row.items():
+            columns[name].append(value)
+    return tuple(columns[name] for name, *_ in SOURCE_OUTPUTS)
+
+
+@pipeline_def(enable_conditionals=True)
+def augment_pipeline(source: DaliSource, parallel: bool, prefetch: int, gpu: bool, out_size: int,
+                     mean: list[float], std: list[float]):
+    """Decode -> [degrade] -> [antialias blur] -> warp -> brightness/contrast -> normalise, per SamplePlan."""
+    parallel_args = {"prefetch_queue_depth": prefetch} if parallel else {}
+    s = dict(zip([name for name, *_ in SOURCE_OUTPUTS], fn.external_source(
+        source, num_outputs=len(SOURCE_OUTPUTS), batch=True, batch_info=True, parallel=parallel,
+        dtype=[o[1] for o in SOURCE_OUTPUTS], ndim=[o[2] for o in SOURCE_OUTPUTS],
+        layout=[o[3] for o in SOURCE_OUTPUTS], **parallel_args)))
+    images = fn.decoders.image(s["encoded"], device="mixed" if gpu else "cpu", output_type=types.RGB)
+    images = fn.cast(images, dtype=types.FLOAT)  # float throughout, as the torch backend: no re-rounding
+    if s["degrade"]:
+        images = fn.gaussian_blur(images, sigma=s["degrade_sigma"])
+        images = fn.warp_affine(images, matrix=s["down_matrix"], size=s["small_hw"])
+        images = images + (s["noise"].gpu() if gpu else s["noise"])
+    if s["prefilter"]:
+        images = fn.gaussian_blur(images, sigma=s["prefilter_sigma"])
+    images = fn.warp_affine(images, matrix=s["matrix"], size=[out_size, out_size])
+    images = fn.brightness_contrast(images, brightness=s["brightness"], contrast=s["contrast"],
+                                    contrast_center=CONTRAST_CENTER)
+    # BFLOAT16 is not a DALI 2.4 type: the loader casts float32 in torch when dtype is bfloat16.
+    images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                      mean=[255.0 * m for m in mean], std=[255.0 * v for v in std])
+    return images, s["key"], s["ref"], s["position"], s["num_skipped"]
+
+
+class DaliBackend:
+    """Runs augment_pipeline; keeps one pipeline across epochs and rebuilds it only after a jump."""
+
+    def __init__(self, source: BatchSource, cfg: LoaderConfig) -> None:
+        self.source, self.cfg = source, cfg
+        self.num_batches = epoch_length(source.shard_counts, source.mix)[0]
+        self._iterator: DALIGenericIterator | None = None
+        self._pipeline = None
+        self._next: tuple[int, int] | None = None  # (epoch, batch) the live iterator yields next
+
+    def iter_epoch(self, epoch: int, start_sample: int) -> Iterator[DecodedBatch]:
+        first = start_sample // self.source.mix.global_batch_size
+        if self._next == (epoch - 1, self.num_batches) and first == 0:
+            self._finish_epoch(epoch - 1)  # the previous epoch's consumer stopped just before its end
+        if self._next != (epoch, first):
+            self._start(epoch, first)
+        while self._next is not None and self._next[1] < self.num_batches:
+            try:
+                outputs = next(self._iterator)
+            except Exception:
+                self.close()  # a pipeline that raised is no longer valid: the next epoch builds a new one
+                raise
+            yield self._unpack(outputs)
+        if self._next is not None:
+            self._finish_epoch(epoch)
+
+    def close(self) -> None:
+        self._iterator = self._pipeline = self._next = None
+
+    def _start(self, epoch: int, first_batch: int) -> None:
+        self.close()
+        cfg = self.cfg
+        gpu = cfg.device == "gpu"
+        parallel = cfg.num_workers > 0
+        pipeline = augment_pipeline(
+            DaliSource(self.source, epoch, first_batch, self.num_batches), parallel, cfg.prefetch, gpu,
+            cfg.image_size, list(cfg.mean), list(cfg.std), batch_size=self.source.batch_size_per_rank,
+            num_threads=cfg.num_threads, device_id=torch.cuda.current_device() if gpu else None,
+            prefetch_queue_depth=cfg.prefetch, py_num_workers=max(cfg.num_workers, 1),
+            # Forking a process that holds a CUDA context is unsupported: spawn once CUDA is up.
+            py_start_method="spawn" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork")
+        pipeline.build()
+        self._pipeline = pipeline
+        self._iterator = DALIGenericIterator(pipeline, PIPELINE_OUTPUTS, auto_reset=False,
+                                             last_batch_policy=LastBatchPolicy.FILL)
+        self._next = (epoch, first_batch)
+
+    def _finish_epoch(self, epoch: int) -> None:
+        try:
+            next(self._iterator)
+        except StopIteration:
+            self._iterator.reset()
+            self._next = (epoch + 1, 0)
+            return
+        raise AssertionError("the DALI source produced a batch past the end of the epoch")
+
+    def _unpack(self, outputs: list[dict[str, torch.Tensor]]) -> DecodedBatch:
+        out = outputs[0]
+        epoch, batch_index = (int(v) for v in out["position"][0])
+        assert (epoch, batch_index) == self._next, "DALI returned batches out of order"
+        self._next = (epoch, batch_index + 1)
+        keys = [bytes(row.numpy()).rstrip(b"\0").decode() for row in out["key"].cpu()]
+        return (batch_index, out["images"], out["ref"].cpu().numpy(), keys,
+                out["num_skipped"].cpu().numpy().reshape(-1))
