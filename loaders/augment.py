@@ -173,13 +173,18 @@ def make_plan(cfg: AugmentConfig, draw: SampleDraw, src_hw: tuple[int, int], out
                       matrix=matrix.astype(np.float32), brightness=draw.brightness, contrast=draw.contrast)
 
 
+MIN_PREFILTER_SIGMA = 0.35
+
+
 def antialias_sigma(shrink: float) -> float:
     """Gaussian prefilter sigma (input pixels) before bilinear resampling by `shrink` input px per output px.
 
     Bilinear sampling already averages with variance 1/6 px^2; an antialiasing triangle filter as wide
     as the output pixel has variance shrink^2 / 6, so the blur adds the difference. 0 when enlarging.
     """
-    return math.sqrt((shrink * shrink - 1.0) / 6.0) if shrink > 1.0 + 1e-6 else 0.0
+    sigma = math.sqrt((shrink * shrink - 1.0) / 6.0) if shrink > 1.0 + 1e-6 else 0.0
+    # Below this the kernel's side taps weigh < 2%: a near-identity blur that would cost a full pass.
+    return sigma if sigma >= MIN_PREFILTER_SIGMA else 0.0
 
 
 def _scale_matrix(sx: float, sy: float) -> np.ndarray:

@@ -33,8 +33,11 @@ SOURCE_OUTPUTS = [
     ("prefilter", types.BOOL, 0, ""),
     ("prefilter_sigma", types.FLOAT, 0, ""),
     ("matrix", types.FLOAT, 2, ""),
-    ("brightness", types.FLOAT, 0, ""),
-    ("contrast", types.FLOAT, 0, ""),
+    ("axis_aligned", types.BOOL, 0, ""),  # matrix is a positive scale + shift: fn.resize of a window
+    ("roi_start", types.FLOAT, 1, ""),  # (y, x) of that window in input pixels
+    ("roi_end", types.FLOAT, 1, ""),
+    ("norm_mean", types.FLOAT, 1, ""),  # normalisation with brightness/contrast folded in, 0..255 units
+    ("norm_std", types.FLOAT, 1, ""),
 ]
 PIPELINE_OUTPUTS = ["images", "key", "ref", "position", "num_skipped"]
 _NO_NOISE = np.zeros((1, 1, 3), np.float32)
@@ -47,9 +50,12 @@ class DaliSource:
     epoch_idx k > 0 means epoch first_epoch + k from its first batch. Picklable, stateless per call.
     """
 
-    def __init__(self, source: BatchSource, first_epoch: int, first_batch: int, num_batches: int) -> None:
+    def __init__(self, source: BatchSource, first_epoch: int, first_batch: int, num_batches: int,
+                 mean: list[float], std: list[float]) -> None:
         self.source, self.first_epoch, self.first_batch = source, first_epoch, first_batch
         self.num_batches = num_batches
+        self.mean = np.array([255.0 * m for m in mean], np.float32)  # crop_mirror_normalize works in 0..255
+        self.std = np.array([255.0 * v for v in std], np.float32)
 
     def __call__(self, info: types.BatchInfo) -> tuple[list[np.ndarray], ...]:
         epoch = self.first_epoch + info.epoch_idx
@@ -57,10 +63,34 @@ class DaliSource:
         if batch_index >= self.num_batches:
             raise StopIteration
         prepared = self.source.prepare(epoch, batch_index, self.source.batch_refs(epoch, batch_index))
-        return pack(prepared, epoch, self.source.key_length)
+        return pack(prepared, epoch, self.source.key_length, self.source.image_size, self.mean, self.std)
 
 
-def pack(prepared: PreparedBatch, epoch: int, key_length: int) -> tuple[list[np.ndarray], ...]:
+def _resize_window(matrix: np.ndarray, out_size: int) -> dict[str, np.ndarray]:
+    """For a matrix without rotation, shear or flip, the input window that fn.resize maps onto the output.
+
+    fn.resize samples the same points as warp_affine then (pixel centres, bilinear, clamped borders),
+    and DALI's CPU resize is about twice as fast as its CPU warp.
+    """
+    aligned = matrix[0, 1] == 0 and matrix[1, 0] == 0 and matrix[0, 0] > 0 and matrix[1, 1] > 0
+    start = np.array([matrix[1, 2], matrix[0, 2]], np.float32)
+    end = start + out_size * np.array([matrix[1, 1], matrix[0, 0]], np.float32)
+    return {"axis_aligned": np.array(bool(aligned)), "roi_start": start, "roi_end": end}
+
+
+def _normalisation(plan, mean: np.ndarray, std: np.ndarray) -> dict[str, np.ndarray]:
+    """brightness * (C + contrast * (x - C)), then (y - mean) / std, as one (x - mean') / std'.
+
+    Folding the jitter into crop_mirror_normalize saves a float pass over every image and, unlike
+    fn.brightness_contrast on uint8, never clamps, so it equals the torch backend's float arithmetic.
+    """
+    gain = plan.brightness * plan.contrast
+    offset = plan.brightness * CONTRAST_CENTER * (1.0 - plan.contrast)
+    return {"norm_mean": ((mean - offset) / gain).astype(np.float32), "norm_std": (std / gain).astype(np.float32)}
+
+
+def pack(prepared: PreparedBatch, epoch: int, key_length: int, out_size: int, mean: np.ndarray,
+         std: np.ndarray) -> tuple[list[np.ndarray], ...]:
     """A PreparedBatch as external_source outputs, in SOURCE_OUTPUTS order."""
     columns: dict[str, list[np.ndarray]] = {name: [] for name, *_ in SOURCE_OUTPUTS}
     for i, plan in enumerate(prepared.plans):
@@ -76,36 +106,49 @@ def pack(prepared: PreparedBatch, epoch: int, key_length: int) -> tuple[list[np.
             "noise": plan.noise if plan.noise is not None else _NO_NOISE,
             "prefilter": np.array(plan.prefilter_sigma > 0), "prefilter_sigma": np.array(
                 plan.prefilter_sigma, np.float32),
-            "matrix": plan.matrix, "brightness": np.array(plan.brightness, np.float32),
-            "contrast": np.array(plan.contrast, np.float32)}
+            "matrix": plan.matrix, **_resize_window(plan.matrix, out_size),
+            **_normalisation(plan, mean, std)}
         for name, value in row.items():
             columns[name].append(value)
     return tuple(columns[name] for name, *_ in SOURCE_OUTPUTS)
 
 
+def _resample(images, s, out_size: int, is_uint8: bool):
+    """Float output; uint8 input stays uint8 through resize (faster) but not through warp_affine (slower)."""
+    if s["prefilter"]:
+        images = fn.gaussian_blur(images, sigma=s["prefilter_sigma"])
+    if s["axis_aligned"]:
+        images = fn.resize(images, size=[out_size, out_size], roi_start=s["roi_start"], roi_end=s["roi_end"],
+                           roi_relative=False, antialias=False, interp_type=types.INTERP_LINEAR)
+        return fn.cast(images, dtype=types.FLOAT) if is_uint8 else images
+    if is_uint8:
+        images = fn.cast(images, dtype=types.FLOAT)
+    return fn.warp_affine(images, matrix=s["matrix"], size=[out_size, out_size])
+
+
 @pipeline_def(enable_conditionals=True)
-def augment_pipeline(source: DaliSource, parallel: bool, prefetch: int, gpu: bool, out_size: int,
-                     mean: list[float], std: list[float]):
-    """Decode -> [degrade] -> [antialias blur] -> warp -> brightness/contrast -> normalise, per SamplePlan."""
+def augment_pipeline(source: DaliSource, parallel: bool, prefetch: int, gpu: bool, out_size: int):
+    """Decode -> [degrade] -> [antialias blur] -> warp or resize -> normalise with brightness/contrast folded in.
+
+    Degraded samples work in float (the noise must not be rounded); the rest stay uint8 until the
+    final normalisation, which is about 30% faster on DALI's CPU operators and rounds by at most half a level.
+    """
     parallel_args = {"prefetch_queue_depth": prefetch} if parallel else {}
     s = dict(zip([name for name, *_ in SOURCE_OUTPUTS], fn.external_source(
         source, num_outputs=len(SOURCE_OUTPUTS), batch=True, batch_info=True, parallel=parallel,
         dtype=[o[1] for o in SOURCE_OUTPUTS], ndim=[o[2] for o in SOURCE_OUTPUTS],
         layout=[o[3] for o in SOURCE_OUTPUTS], **parallel_args)))
     images = fn.decoders.image(s["encoded"], device="mixed" if gpu else "cpu", output_type=types.RGB)
-    images = fn.cast(images, dtype=types.FLOAT)  # float throughout, as the torch backend: no re-rounding
     if s["degrade"]:
-        images = fn.gaussian_blur(images, sigma=s["degrade_sigma"])
+        images = fn.gaussian_blur(fn.cast(images, dtype=types.FLOAT), sigma=s["degrade_sigma"])
         images = fn.warp_affine(images, matrix=s["down_matrix"], size=s["small_hw"])
         images = images + (s["noise"].gpu() if gpu else s["noise"])
-    if s["prefilter"]:
-        images = fn.gaussian_blur(images, sigma=s["prefilter_sigma"])
-    images = fn.warp_affine(images, matrix=s["matrix"], size=[out_size, out_size])
-    images = fn.brightness_contrast(images, brightness=s["brightness"], contrast=s["contrast"],
-                                    contrast_center=CONTRAST_CENTER)
+        images = _resample(images, s, out_size, is_uint8=False)
+    else:
+        images = _resample(images, s, out_size, is_uint8=True)
     # BFLOAT16 is not a DALI 2.4 type: the loader casts float32 in torch when dtype is bfloat16.
-    images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                      mean=[255.0 * m for m in mean], std=[255.0 * v for v in std])
+    images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=s["norm_mean"],
+                                      std=s["norm_std"])
     return images, s["key"], s["ref"], s["position"], s["num_skipped"]
 
 
@@ -144,8 +187,8 @@ class DaliBackend:
         gpu = cfg.device == "gpu"
         parallel = cfg.num_workers > 0
         pipeline = augment_pipeline(
-            DaliSource(self.source, epoch, first_batch, self.num_batches), parallel, cfg.prefetch, gpu,
-            cfg.image_size, list(cfg.mean), list(cfg.std), batch_size=self.source.batch_size_per_rank,
+            DaliSource(self.source, epoch, first_batch, self.num_batches, list(cfg.mean), list(cfg.std)),
+            parallel, cfg.prefetch, gpu, cfg.image_size, batch_size=self.source.batch_size_per_rank,
             num_threads=cfg.num_threads, device_id=torch.cuda.current_device() if gpu else None,
             prefetch_queue_depth=cfg.prefetch, py_num_workers=max(cfg.num_workers, 1),
             # Forking a process that holds a CUDA context is unsupported: spawn once CUDA is up.

@@ -261,8 +261,10 @@ def test_plans_degrade_only_listed_surveys_and_identity_when_off():
     off = make_plan(AugmentConfig(), draw, (64, 64), 64, "hst")
     assert not off.degrade and off.prefilter_sigma == 0
     np.testing.assert_array_equal(off.matrix, np.eye(2, 3))
-    shrink = make_plan(AugmentConfig(), draw, (256, 256), 224, "hst")
-    assert shrink.prefilter_sigma > 0 and shrink.matrix[0, 0] == pytest.approx(256 / 224)
+    mild = make_plan(AugmentConfig(), draw, (256, 256), 224, "hst")
+    assert mild.prefilter_sigma == 0 and mild.matrix[0, 0] == pytest.approx(256 / 224)  # near-identity blur skipped
+    shrink = make_plan(AugmentConfig(), draw, (256, 256), 112, "hst")
+    assert shrink.prefilter_sigma == pytest.approx((((256 / 112) ** 2 - 1) / 6) ** 0.5) and shrink.prefilter_sigma > 0.35
 
 
 def test_configs_load_from_yaml_mappings():

@@ -1,0 +1,152 @@
+"""Benchmark: loader img/s at 224 px: our DALI and torch backends vs plain webdataset + PIL and DALI's own reader."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from loaders.augment import AugmentConfig  # noqa: E402
+from loaders.loader import LoaderConfig, build_loader  # noqa: E402
+from loaders.sampler import MixConfig  # noqa: E402
+from loaders.shards import load_shard_root  # noqa: E402
+
+SURVEYS = ("sdss", "decals", "hst")
+MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
+STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+
+
+def make_shards(root: Path, num_galaxies: int) -> None:
+    from sharding import build
+    from sharding.mock import main as mock_main
+    from sharding.registry import load_survey
+    for survey in SURVEYS:
+        raw = root / "raw" / survey
+        mock_main(["--survey", survey, "--num-galaxies", str(num_galaxies), "--out", str(raw), "--no-progress",
+                   "--workers", "2"])
+        build.main(["--survey", survey, "--catalog", str(raw / Path(load_survey(survey).catalog).name),
+                    "--images", str(raw / "images"), "--out", str(root / "shards"), "--image-size", "256",
+                    "--samples-per-shard", "200", "--workers", "2", "--no-progress"])
+
+
+def ours(shards: Path, backend: str, workers: int, augment: bool, batch: int, device: str) -> tuple[int, float]:
+    counts = {s.name: s.num_samples for s in load_shard_root(shards, list(SURVEYS))}
+    mix = MixConfig(ratios="sdss=0.33,decals=0.33,hst=0.34", global_batch_size=batch,
+                    epoch_samples=min(counts.values()) * 3 // batch * batch, on_exhausted="repeat")
+    cfg = LoaderConfig(shard_root=str(shards), backend=backend, image_size=224, num_workers=workers,
+                       num_threads=2, device=device, augment=AugmentConfig(enabled=augment))
+    loader = build_loader(cfg, mix)
+    try:
+        start, n = time.perf_counter(), 0
+        for b in loader:
+            n += len(b)
+        return n, time.perf_counter() - start
+    finally:
+        loader.close()
+
+
+def plain_webdataset(shards: Path, batch: int) -> tuple[int, float]:
+    """The pipeline people write first: webdataset + PIL decode + resize + normalise, batched."""
+    import webdataset as wds
+    from PIL import Image
+    urls = sorted(str(p) for s in SURVEYS for p in (shards / s).glob(f"{s}-train-*.tar"))
+
+    def prepare(sample):
+        img = sample["jpg"].convert("RGB").resize((224, 224), Image.BILINEAR)
+        return torch.from_numpy(((np.asarray(img, np.float32) - MEAN) / STD).transpose(2, 0, 1))
+    dataset = wds.WebDataset(urls, shardshuffle=False).decode("pil").map(prepare).batched(batch, collation_fn=torch.stack)
+    start, n = time.perf_counter(), 0
+    for images in dataset:
+        n += len(images)
+    return n, time.perf_counter() - start
+
+
+def dali_reader(shards: Path, batch: int, device: str) -> tuple[int, float]:
+    """DALI's own fn.readers.webdataset with our index files: no mixing, no random access, same decode/resize."""
+    from nvidia.dali import fn, pipeline_def, types
+    paths = sorted(str(p) for s in SURVEYS for p in (shards / s).glob(f"{s}-train-*.tar"))
+    total = sum(int(Path(p).with_suffix(".idx").read_text().split()[1]) for p in paths)
+
+    @pipeline_def(batch_size=batch, num_threads=2, device_id=0 if device == "gpu" else None)
+    def pipe():
+        jpg = fn.readers.webdataset(paths=paths, index_paths=[p[:-4] + ".idx" for p in paths], ext=["jpg"],
+                                    random_shuffle=False, name="reader")
+        images = fn.decoders.image(jpg, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+        images = fn.resize(images, resize_x=224, resize_y=224)
+        return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=MEAN.tolist(),
+                                        std=STD.tolist())
+    p = pipe()
+    p.build()
+    start, n = time.perf_counter(), 0
+    while n < total:
+        (out,) = p.run()
+        n += len(out)
+    return n, time.perf_counter() - start
+
+
+def best(fn, repeats: int) -> tuple[int, float]:
+    return min((fn() for _ in range(repeats)), key=lambda r: r[1] / r[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shards", type=Path, help="shard root with sdss/decals/hst at 256 px (default: build one)")
+    parser.add_argument("--num-galaxies", type=int, default=700, help="per survey, when building shards")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "loaders.json")
+    args = parser.parse_args(argv)
+    work = None
+    shards = args.shards
+    if shards is None:
+        work = Path(tempfile.mkdtemp(prefix="bench_loaders_"))
+        make_shards(work, args.num_galaxies)
+        shards = work / "shards"
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    cases = [("plain webdataset + PIL", lambda: plain_webdataset(shards, args.batch)),
+             ("DALI fn.readers.webdataset", lambda: dali_reader(shards, args.batch, "cpu")),
+             ("ours: DALI backend, aug off", lambda: ours(shards, "dali", 0, False, args.batch, "cpu")),
+             ("ours: DALI backend, aug on", lambda: ours(shards, "dali", 0, True, args.batch, "cpu")),
+             ("ours: torch backend, aug off, 2 workers", lambda: ours(shards, "torch", 2, False, args.batch, "cpu")),
+             ("ours: torch backend, aug on, 2 workers", lambda: ours(shards, "torch", 2, True, args.batch, "cpu"))]
+    if device == "gpu":
+        cases += [("DALI reader, mixed decode", lambda: dali_reader(shards, args.batch, "gpu")),
+                  ("ours: DALI backend mixed, aug on", lambda: ours(shards, "dali", 4, True, args.batch, "gpu"))]
+    rows = []
+    try:
+        for name, fn in cases:
+            n, seconds = best(fn, args.repeats)
+            rows.append({"case": name, "images": n, "seconds": seconds, "img_per_s": n / seconds})
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+    base = rows[0]["img_per_s"]
+    reader = rows[1]["img_per_s"]
+    print(f"\nloader throughput, 256 px JPEG -> 224 px, batch {args.batch}, {os.cpu_count()} CPUs, "
+          f"{platform.machine()}, best of {args.repeats}")
+    print(f"{'case':<42}{'images':>8}{'img/s':>9}{'vs plain':>10}{'vs DALI reader':>16}")
+    for r in rows:
+        r["vs_plain"], r["vs_dali_reader"] = r["img_per_s"] / base, r["img_per_s"] / reader
+        print(f"{r['case']:<42}{r['images']:>8}{r['img_per_s']:>9.1f}{r['vs_plain']:>9.2f}x{r['vs_dali_reader']:>15.2f}x")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"benchmark": "loaders", "batch": args.batch, "device": device,
+                                     "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                                     "rows": rows}, indent=2))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
