@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
-from astropy.visualization import LuptonAsinhStretch
 from PIL import Image
 
 IMAGE_SUFFIXES = (".fits", ".fits.gz", ".fits.fz", ".fit", ".jpg", ".jpeg", ".png")
@@ -20,8 +19,9 @@ IMAGE_FORMATS = ("jpg", "png")
 JPEG_SUBSAMPLING = 0
 # zlib level 1: PNG members are ~10% larger than at level 6 but encode ~3x faster; a fixed level keeps bytes stable.
 PNG_COMPRESS_LEVEL = 1
-# Bicubic (PIL widens its support when shrinking, so it anti-aliases): close to Lanczos, ~40% cheaper.
-RESAMPLE = Image.Resampling.BICUBIC
+# Bilinear (PIL widens its support when shrinking, so it anti-aliases): half bicubic's cost, and the
+# loaders resample bilinearly anyway.
+RESAMPLE = Image.Resampling.BILINEAR
 # PIL first box-reduces by an integer factor while the image stays >= 3x the target: fast and alias-free.
 REDUCING_GAP = 3.0
 
@@ -128,7 +128,7 @@ def to_rgb8(data: np.ndarray, is_8bit_rgb: bool) -> np.ndarray:
     8-bit RGB (JPEG/PNG, channels R, G, B) passes through. Float data: each band has its background
     subtracted and is divided by its noise (robust order statistics on a subsample, so sky noise looks
     alike across images and surveys), then the Lupton et al. (2004) colour-preserving asinh stretch
-    (astropy's LuptonAsinhStretch, combined as make_lupton_rgb does) with the softening at SOFTENING_SIGMA
+    (astropy's make_lupton_rgb / LuptonAsinhStretch arithmetic, in fewer passes; a test checks equality) with the softening at SOFTENING_SIGMA
     and Q chosen so that only the brightest PEAK_FRACTION of pixels saturate: cores are not burnt out.
     1 band -> grey; 2 bands -> (R, G, B) = (b2, mean, b1); >= 3 bands -> the reddest three, reddest = R.
     """
@@ -140,8 +140,13 @@ def to_rgb8(data: np.ndarray, is_8bit_rgb: bool) -> np.ndarray:
         return np.clip(data, 0, 255).astype(np.uint8).transpose(1, 2, 0).copy()
     planes = _colour_planes(data)
     intensity = planes.mean(axis=0)
-    q = _lupton_q(planes, intensity)
-    return _lupton_rgb8(planes, intensity, LuptonAsinhStretch(stretch=q * SOFTENING_SIGMA, Q=q))
+    # LuptonAsinhStretch(stretch=Q * softening, Q) maps I to asinh(I / softening) * 0.1 / asinh(0.1 Q):
+    # asinh(I / softening) / I is computed once and serves both the choice of Q and the stretch itself.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.arcsinh(intensity / SOFTENING_SIGMA) / intensity
+    ratio[~(intensity > 0)] = 0.0
+    q = _lupton_q(planes, ratio)
+    return _lupton_rgb8(planes, ratio * np.float32(0.1 / math.asinh(0.1 * q)))  # LuptonAsinhStretch's slope
 
 
 def square_resize(img: np.ndarray, size: int) -> np.ndarray:
@@ -312,29 +317,25 @@ def _colour_planes(data: np.ndarray) -> np.ndarray:
     return planes
 
 
-def _lupton_q(planes: np.ndarray, intensity: np.ndarray) -> float:
+def _lupton_q(planes: np.ndarray, ratio: np.ndarray) -> float:
     """The Lupton Q that, with stretch = Q * SOFTENING_SIGMA, maps the bright end of the brightest channel to 1.
 
-    Lupton maps a pixel's brightest channel M to (M / I) asinh(I / softening) * 0.1 / asinh(0.1 Q), so
-    asinh(0.1 Q) = 0.1 * (bright end of (M / I) asinh(I / softening)). Measuring M rather than I keeps
-    strongly coloured cores (a red bulge) from saturating in their dominant channel.
+    Lupton maps a pixel's brightest channel M to M asinh(I / softening) / I * 0.1 / asinh(0.1 Q), so
+    asinh(0.1 Q) = 0.1 * (bright end of M * ratio), ratio = asinh(I / softening) / I. Measuring M rather
+    than I keeps strongly coloured cores (a red bulge) from saturating in their dominant channel. The
+    bright end comes from every other row and column: a quarter of the pixels, the same percentile.
     """
-    with np.errstate(divide="ignore", invalid="ignore"):
-        reach = planes.max(axis=0) * np.arcsinh(intensity / SOFTENING_SIGMA) / intensity
-    reach[~(intensity > 0)] = 0.0
+    reach = planes[:, ::2, ::2].max(axis=0) * ratio[::2, ::2]
     top = max(_bright_end(reach), math.asinh(MIN_PEAK_SIGMA / SOFTENING_SIGMA))
     return 10.0 * math.sinh(top / 10.0)
 
 
-def _lupton_rgb8(planes: np.ndarray, intensity: np.ndarray, stretch: LuptonAsinhStretch) -> np.ndarray:
+def _lupton_rgb8(planes: np.ndarray, gain: np.ndarray) -> np.ndarray:
     """Lupton et al. (2004) colour-preserving mapping, as astropy's make_lupton_rgb, without its extra passes.
 
-    Every channel is scaled by f(I) / I of the mean intensity I, clipped at 0, and a pixel whose brightest
-    channel passes 1 is scaled down as a whole so that its hue survives. Consumes `planes`.
+    Every channel is scaled by f(I) / I of the mean intensity I (`gain`), clipped at 0, and a pixel whose
+    brightest channel passes 1 is scaled down as a whole so that its hue survives. Consumes `planes`.
     """
-    with np.errstate(divide="ignore", invalid="ignore"):
-        gain = stretch(intensity) / intensity
-    gain[~(intensity > 0)] = 0.0
     planes *= gain
     np.clip(planes, 0.0, None, out=planes)
     brightest = planes.max(axis=0)

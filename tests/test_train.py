@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sharding.config import CONFIG_ROOT
@@ -163,3 +164,39 @@ def test_nan_loss_stops_with_step_and_keys(shard_root, tmp_path):
     result = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "loss is nan at step" in result.stderr.lower() and "batch keys" in result.stderr
+
+
+@pytest.mark.slow
+def test_lora_stage_in_bf16_trains_only_adapters_and_exports_merged_weights(shard_root, tmp_path):
+    import torch
+    from models.io import load_export
+    out = tmp_path / "lora"
+    _run(_command(1, out, 3, _overrides(shard_root, stage="lora", precision="bf16", zero_stage=2,
+                                         **{"lora.rank": 4, "lora.alpha": 8.0})))
+    steps = _steps(out)
+    assert sorted(steps) == [1, 2, 3] and all(np.isfinite(s["loss"]) for s in steps.values())
+    model = load_export(out / "export")  # merged: a plain Dinov2 backbone, no peft modules
+    assert not any("lora_" in name for name, _ in model.named_parameters())
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.zeros(1, 3, 56, 56))).all()
+    meta = json.loads((out / "export" / "export.json").read_text())
+    assert meta["metadata"]["stage"] == "lora"
+
+
+def test_layer_decay_param_groups():
+    from models.config import load_model_config
+    from models.head import MorphologyModel
+    from sharding.schema import load_schema
+    from train.engine import param_groups
+    cfg = load_train_config(TINY, ["stage=full", "optim.layer_decay=0.5", "optim.lr=1.0"])
+    model = MorphologyModel(load_model_config("tiny"), load_schema())
+    groups = param_groups(model, cfg, num_layers=2)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["head.0.weight"])] == 1.0
+    assert lr_of[id(named["backbone.encoder.layer.1.mlp.fc1.weight"])] == 0.5
+    assert lr_of[id(named["backbone.encoder.layer.0.mlp.fc1.weight"])] == 0.25
+    assert lr_of[id(named["backbone.embeddings.patch_embeddings.projection.weight"])] == 0.125
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert decay[id(named["head.0.bias"])] == 0.0 and decay[id(named["head.0.weight"])] > 0
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
