@@ -226,7 +226,10 @@ def _read_stack(paths: list[Path], draft_size: int | None = None) -> tuple[np.nd
 def _read_one(path: Path, draft_size: int | None) -> tuple[np.ndarray, bool]:
     """One file, whatever its suffix says: the content's magic bytes pick the reader."""
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            magic = f.read(6)
+            # Plain FITS is opened by path below: reading it into bytes first would copy it twice.
+            raw = magic if magic == b"SIMPLE" else magic + f.read()
     except OSError as exc:
         raise ImageError("missing-file" if not path.exists() else "unreadable", f"{path}: {exc}") from exc
     if not raw:
@@ -238,7 +241,7 @@ def _read_one(path: Path, draft_size: int | None) -> tuple[np.ndarray, bool]:
         except (OSError, EOFError, ValueError) as exc:
             raise ImageError("unreadable", f"{path}: corrupt gzip ({type(exc).__name__}: {exc})") from exc
     if raw[:6] == b"SIMPLE":
-        data, is_8bit = _read_fits(raw, path), False
+        data, is_8bit = _read_fits(path if len(raw) == 6 else io.BytesIO(raw), path), False
     else:
         data, is_8bit = _read_pil(raw, path, draft_size)
     if min(data.shape[1:]) < MIN_SIDE_PX:
@@ -246,12 +249,12 @@ def _read_one(path: Path, draft_size: int | None) -> tuple[np.ndarray, bool]:
     return data, is_8bit
 
 
-def _read_fits(raw: bytes, path: Path) -> np.ndarray:
+def _read_fits(source: Path | io.BytesIO, path: Path) -> np.ndarray:
     """The first HDU with image data as (bands, H, W) float32; leading length-1 axes are dropped."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            with fits.open(io.BytesIO(raw), memmap=False) as hdul:
+            with fits.open(source, memmap=False) as hdul:
                 hdu = next((h for h in hdul if h.is_image and h.data is not None), None)
                 data = None if hdu is None else np.array(hdu.data, dtype=np.float32)
         except _UNREADABLE_ERRORS as exc:
