@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from sharding import images, progress
-from sharding.catalog import Reject, check_columns, file_sha256, load_labels, parse_splits, read_catalog
+from sharding.catalog import Reject, check_columns, load_labels, parse_splits, read_catalog
 from sharding.config import to_dict
 from sharding.registry import SurveyConfig, list_surveys, load_survey
 from sharding.schema import FeatureSchema, load_schema
-from sharding.writer import ShardPacker
+from sharding.writer import ShardPacker, sha256_of
 
 MANIFEST_VERSION = 1
 _WORKER: dict = {}
@@ -61,7 +61,7 @@ def build_params(args: argparse.Namespace, survey: SurveyConfig, catalog: Path, 
     if size < 16 or per_shard < 1:
         raise ValueError("--image-size must be >= 16 and --samples-per-shard >= 1")
     return {
-        "catalog": str(catalog), "catalog_sha256": file_sha256(catalog), "images": str(images_dir),
+        "catalog": str(catalog), "catalog_sha256": sha256_of(catalog), "images": str(images_dir),
         "image_pattern": args.image_pattern or survey.image_pattern, "image_size": size,
         "image_format": args.image_format, "jpeg_quality": args.jpeg_quality, "keep_float": args.keep_float,
         "samples_per_shard": per_shard, "splits": parse_splits(args.splits), "survey": to_dict(survey),

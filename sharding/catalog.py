@@ -52,14 +52,6 @@ def read_catalog(path: str | Path) -> pd.DataFrame:
     raise ValueError(f"catalog {path}: unsupported format; use .csv, .parquet or a FITS table (.fits)")
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_columns(columns, survey: SurveyConfig, catalog_path: str | Path) -> None:
     """Fail at once, naming the column and the survey YAML to fix, when a required column is absent."""
     have = set(columns)
