@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, help="output square size in pixels (default: survey YAML)")
     parser.add_argument("--image-format", choices=("jpg", "png"), default="jpg", help="8-bit RGB encoding")
     parser.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality (1-100)")
+    parser.add_argument("--jpeg-chroma", choices=("420", "444"), default="420",
+                        help="JPEG chroma sampling: 420 (survey cutout services' default: smaller, faster) or 444 "
+                             "(full-resolution colour)")
     parser.add_argument("--keep-float", action="store_true", help="also store the float16 multi-band cutout (.npy)")
     parser.add_argument("--image-pattern", help="file name pattern for {id} (and {band}); default: survey YAML")
     parser.add_argument("--splits", default="train=0.8,val=0.1,test=0.1",
@@ -63,7 +66,8 @@ def build_params(args: argparse.Namespace, survey: SurveyConfig, catalog: Path, 
     return {
         "catalog": str(catalog), "catalog_sha256": sha256_of(catalog), "images": str(images_dir),
         "image_pattern": args.image_pattern or survey.image_pattern, "image_size": size,
-        "image_format": args.image_format, "jpeg_quality": args.jpeg_quality, "keep_float": args.keep_float,
+        "image_format": args.image_format, "jpeg_quality": args.jpeg_quality, "jpeg_chroma": args.jpeg_chroma,
+        "keep_float": args.keep_float,
         "samples_per_shard": per_shard, "splits": parse_splits(args.splits), "survey": to_dict(survey),
     }
 
@@ -81,7 +85,8 @@ def _process(task: tuple) -> tuple:
         paths = images.locate_images(Path(p["images"]), p["image_pattern"], object_id,
                                      p["survey"]["bands"], file_loc)
         members = images.prepare_sample(paths, image_size=p["image_size"], image_format=p["image_format"],
-                                        keep_float=p["keep_float"], jpeg_quality=p["jpeg_quality"])
+                                        keep_float=p["keep_float"], jpeg_quality=p["jpeg_quality"],
+                                        jpeg_chroma=p["jpeg_chroma"])
         return position, key, members, None
     except images.ImageError as err:
         files = ";".join(str(x) for x in paths) or (file_loc or "")

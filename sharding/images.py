@@ -15,8 +15,10 @@ from PIL import Image
 IMAGE_SUFFIXES = (".fits", ".fits.gz", ".fits.fz", ".fit", ".jpg", ".jpeg", ".png")
 IMAGE_FORMATS = ("jpg", "png")
 
-# 4:4:4 chroma: galaxy colour gradients are a few pixels wide, and 4:2:0 would smear them at 224 px.
-JPEG_SUBSAMPLING = 0
+# PIL's subsampling codes: 4:4:4 keeps full-resolution colour (colour gradients a few pixels wide stay
+# sharp); 4:2:0, libjpeg's and the survey cutout services' default, encodes and decodes faster and makes
+# smaller shards, with colour at half resolution and brightness, which morphology mostly rests on, untouched.
+JPEG_CHROMA = {"444": 0, "420": 2}
 # zlib level 1: PNG members are ~10% larger than at level 6 but encode ~3x faster; a fixed level keeps bytes stable.
 PNG_COMPRESS_LEVEL = 1
 # Bilinear (PIL widens its support when shrinking, so it anti-aliases): half bicubic's cost, and the
@@ -168,7 +170,7 @@ def square_resize(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def prepare_sample(paths: list[Path], *, image_size: int, image_format: str = "jpg", keep_float: bool = False,
-                   jpeg_quality: int = 95) -> dict[str, bytes]:
+                   jpeg_quality: int = 95, jpeg_chroma: str = "420") -> dict[str, bytes]:
     """One galaxy's webdataset members: {'jpg' or 'png': 8-bit RGB bytes} plus, with keep_float, {'npy': bytes}.
 
     The npy member is np.save of the cleaned (bands, image_size, image_size) float16 cutout (bluest band
@@ -178,8 +180,9 @@ def prepare_sample(paths: list[Path], *, image_size: int, image_format: str = "j
     """
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
-    if image_size < 1 or not 1 <= jpeg_quality <= 100:
-        raise ValueError(f"need image_size >= 1 and jpeg_quality in 1..100, got {image_size}, {jpeg_quality}")
+    if image_size < 1 or not 1 <= jpeg_quality <= 100 or jpeg_chroma not in JPEG_CHROMA:
+        raise ValueError(f"need image_size >= 1, jpeg_quality in 1..100 and jpeg_chroma in {list(JPEG_CHROMA)}, "
+                         f"got {image_size}, {jpeg_quality}, {jpeg_chroma!r}")
     data, is_8bit_rgb = _read_stack(paths, draft_size=image_size)
     try:
         data, _ = clean_pixels(data)
@@ -190,7 +193,7 @@ def prepare_sample(paths: list[Path], *, image_size: int, image_format: str = "j
         rgb = _resized_rgb_image(to_rgb8(binned, is_8bit_rgb), image_size)
     except ImageError as err:
         raise ImageError(err.reason, f"{', '.join(map(str, paths))}: {err}") from None
-    members = {image_format: _encode(rgb, image_format, jpeg_quality)}
+    members = {image_format: _encode(rgb, image_format, jpeg_quality, jpeg_chroma)}
     if keep_float:
         planes = _resize_float_bands(square[::-1] if is_8bit_rgb else square, image_size)
         buffer = io.BytesIO()
@@ -419,10 +422,11 @@ def _resize_float_bands(data: np.ndarray, size: int) -> np.ndarray:
                                 .resize((size, size), RESAMPLE, reducing_gap=REDUCING_GAP)) for band in square])
 
 
-def _encode(img: Image.Image, image_format: str, jpeg_quality: int) -> bytes:
+def _encode(img: Image.Image, image_format: str, jpeg_quality: int, jpeg_chroma: str) -> bytes:
     buffer = io.BytesIO()
     if image_format == "jpg":
-        img.save(buffer, format="JPEG", quality=jpeg_quality, subsampling=JPEG_SUBSAMPLING, optimize=False)
+        img.save(buffer, format="JPEG", quality=jpeg_quality, subsampling=JPEG_CHROMA[jpeg_chroma],
+                 optimize=False)
     else:
         img.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()

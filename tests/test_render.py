@@ -210,8 +210,12 @@ def test_jpeg_settings(tmp_path):
     path = write_fits(tmp_path / "g.fits", galaxy_cube(size=64))
     high = images.prepare_sample([path], image_size=64, jpeg_quality=95)["jpg"]
     low = images.prepare_sample([path], image_size=64, jpeg_quality=40)["jpg"]
-    assert len(low) < len(high)
-    assert JpegImagePlugin.get_sampling(Image.open(io.BytesIO(high))) == 0  # 4:4:4, no chroma subsampling
+    full_colour = images.prepare_sample([path], image_size=64, jpeg_quality=95, jpeg_chroma="444")["jpg"]
+    assert len(low) < len(high) < len(full_colour)
+    assert JpegImagePlugin.get_sampling(Image.open(io.BytesIO(high))) == 2  # 4:2:0 by default
+    assert JpegImagePlugin.get_sampling(Image.open(io.BytesIO(full_colour))) == 0  # 4:4:4 on request
+    with pytest.raises(ValueError, match="jpeg_chroma"):
+        images.prepare_sample([path], image_size=64, jpeg_chroma="422")
 
 
 def test_keep_float_npy_round_trips(tmp_path):
