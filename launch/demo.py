@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="processes for rendering and sharding")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-config", default="configs/train/tiny.yaml", help="run YAML for the training step")
-    parser.add_argument("--train-steps", type=int, default=60, help="optimizer steps (0 skips training)")
+    parser.add_argument("--train-steps", type=int, default=120, help="optimizer steps (0 skips training)")
     parser.add_argument("--nproc", type=int, default=2, help="torchrun processes")
     parser.add_argument("--run-dir", default="runs/demo", help="training output directory")
     return parser.parse_args(argv)
