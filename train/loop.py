@@ -154,9 +154,9 @@ def train(run: Run) -> dict:
             waited = time.perf_counter() - started
             loss = train_step(run, batch)
             run.step += 1
-            record = _step_record(run, batch, loss, time.perf_counter() - started, waited)
             if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
-                run.log.step(record)
+                # Collective (counts and keys from every rank): every rank takes this branch at the same steps.
+                run.log.step(_step_record(run, batch, loss, time.perf_counter() - started, waited))
             if run.step % cfg.val_every == 0 and run.step < cfg.max_steps:
                 results = validate.run_validation(run)
             if run.step % cfg.checkpoint_every == 0 and run.step < cfg.max_steps:
