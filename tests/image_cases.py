@@ -1,19 +1,12 @@
 """Synthetic FITS/PNG/JPEG galaxies and helpers shared by the image tests."""
 
-import gzip
 import io
-import multiprocessing
-import pickle
 from pathlib import Path
 
 import numpy as np
-import pytest
 from astropy.io import fits
-from astropy.visualization import LuptonAsinhStretch, make_lupton_rgb
-from PIL import Image, JpegImagePlugin
+from PIL import Image
 
-from sharding import images
-from sharding.images import ImageError
 
 ASTROPY_DATA = Path(fits.__file__).parent / "hdu" / "compressed" / "tests" / "data"
 

@@ -6,15 +6,8 @@ import math
 from fractions import Fraction
 
 import numpy as np
-import pytest
 
-import loaders.sampler as sampler_module
-from loaders.pfair import (allocate_batches, exact_ratios, group_deadline, interleave_slots, max_drift,
-                           pd2_schedule)
-from loaders.sampler import (EpochOrder, MixConfig, MixingSampler, epoch_allocation, epoch_length,
-                             global_order, iter_rank_batches, mix_fingerprint, mixing_report,
-                             parse_ratios, rank_batch_indices, survey_stream)
-from sharding.config import from_dict, load_config
+from loaders.sampler import (MixConfig, iter_rank_batches)
 
 # Exact shares the float ratios stand for, written independently of exact_ratios().
 RATIO_CASES = {

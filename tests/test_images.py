@@ -2,20 +2,17 @@
 
 import gzip
 import io
-import multiprocessing
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
 from astropy.io import fits
-from astropy.visualization import LuptonAsinhStretch, make_lupton_rgb
-from PIL import Image, JpegImagePlugin
+from PIL import Image
 
 from sharding import images
 from sharding.images import ImageError
 
-from image_cases import (ASTROPY_DATA, galaxy_cube, write_fits, write_png, decode, load_npy, reason_of)  # noqa: F401
+from image_cases import (ASTROPY_DATA, galaxy_cube, write_fits, write_png, decode, reason_of)
 
 
 def test_locate_by_pattern(tmp_path):

@@ -1,21 +1,17 @@
 """Rendering survey images: pixel cleaning, Lupton colour stretch, resizing, encoding, float cutouts."""
 
-import gzip
 import io
 import multiprocessing
-import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
-from astropy.io import fits
 from astropy.visualization import LuptonAsinhStretch, make_lupton_rgb
 from PIL import Image, JpegImagePlugin
 
 from sharding import images
 from sharding.images import ImageError
 
-from image_cases import (ASTROPY_DATA, galaxy_cube, write_fits, write_png, decode, load_npy, reason_of)  # noqa: F401
+from image_cases import (galaxy_cube, write_fits, write_png, decode, load_npy, reason_of)
 
 
 def test_all_nan_and_constant_images_are_rejected():

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import math
-from fractions import Fraction
 
 import numpy as np
 import pytest
 
 import loaders.sampler as sampler_module
-from loaders.pfair import (allocate_batches, exact_ratios, group_deadline, interleave_slots, max_drift,
-                           pd2_schedule)
+from loaders.pfair import (allocate_batches)
 from loaders.sampler import (EpochOrder, MixConfig, MixingSampler, epoch_allocation, epoch_length,
                              global_order, iter_rank_batches, mix_fingerprint, mixing_report,
-                             parse_ratios, rank_batch_indices, survey_stream)
-from sharding.config import from_dict, load_config
+                             rank_batch_indices, survey_stream)
 
 # Exact shares the float ratios stand for, written independently of exact_ratios().
-from mixing_cases import (RATIO_CASES, BATCH_SIZES, SEEDS, SHARD_COUNTS, drift_exact, check_allocation, largest_deficit_counts, reference_pfair_counts, group_deadline_by_definition, as_ratios, mix_for, rank_stream)  # noqa: F401
+from mixing_cases import (RATIO_CASES, BATCH_SIZES, SEEDS, SHARD_COUNTS, check_allocation, mix_for, rank_stream)
 
 
 def test_epoch_sizing_policies():
