@@ -38,12 +38,14 @@ def label_arrays(surveys: list[SurveyShards], refs: np.ndarray) -> dict[str, np.
         "votes": np.empty((num, first.votes.shape[1]), np.float32),
         "total_votes": np.empty((num, first.total_votes.shape[1]), np.float32),
     }
-    for i, (survey, shard, index) in enumerate(refs):
-        info = surveys[survey]
-        row = info.row(int(shard), int(index))
-        out["features"][i] = info.features[row]
-        out["votes"][i] = info.votes[row]
-        out["total_votes"][i] = info.total_votes[row]
+    refs = np.asarray(refs)
+    for s, info in enumerate(surveys):
+        mine = refs[:, 0] == s
+        if mine.any():
+            rows = info.shard_starts[refs[mine, 1]] + refs[mine, 2]
+            out["features"][mine] = info.features[rows]
+            out["votes"][mine] = info.votes[rows]
+            out["total_votes"][mine] = info.total_votes[rows]
     return out
 
 

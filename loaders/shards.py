@@ -92,7 +92,7 @@ def load_survey_shards(directory: str | Path, split: str = "train",
                *(total_votes_column(q) for q in schema.question_names)]
     labels = pd.read_parquet(directory / manifest["labels"], columns=columns).set_index("key")
     keys = [e.key for entries in index for e in entries]
-    absent = [k for k in keys[:1000] if k not in labels.index]
+    absent = list(pd.Index(keys).difference(labels.index))
     if absent:
         raise ValueError(f"{directory}: samples {absent[:3]} have no row in labels.parquet; run sharding.verify")
     labels = labels.loc[keys]

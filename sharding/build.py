@@ -105,7 +105,7 @@ def _results(tasks: list[tuple], params: dict, workers: int):
         _init_worker(params)
         yield from map(_process, tasks)
         return
-    chunk = max(1, min(16, len(tasks) // (workers * 8) or 1))
+    chunk = min(16, max(1, len(tasks) // (workers * 8)))
     with multiprocessing.get_context("fork").Pool(workers, _init_worker, (params,)) as pool:
         yield from pool.imap(_process, tasks, chunksize=chunk)
 

@@ -89,7 +89,7 @@ def train_step(run: Run, batch: Batch) -> float:
     for start in range(0, len(batch), micro):
         part = stages.slice_batch(batch, slice(start, start + micro))
         logits = run.engine.forward(part.images).float()
-        loss = stages.loss(cfg.loss, logits, part.to(logits.device), run.schema, run.engine.module)
+        loss = stages.loss(cfg.loss, logits, part.to(logits.device), run.engine.module)
         mean_loss = _all_reduce([loss.item()])[0] / run.world.world_size
         if not math.isfinite(mean_loss):
             raise RuntimeError(f"loss is {mean_loss} at step {run.step + 1} (rank {run.world.rank} batch keys: "

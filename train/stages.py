@@ -36,8 +36,7 @@ def build(cfg: TrainConfig, schema: FeatureSchema) -> tuple[MorphologyModel, int
     return model, model.config.backbone.num_hidden_layers
 
 
-def loss(kind: str, raw_logits: torch.Tensor, batch: Batch, schema: FeatureSchema,
-         model: MorphologyModel) -> torch.Tensor:
+def loss(kind: str, raw_logits: torch.Tensor, batch: Batch, model: MorphologyModel) -> torch.Tensor:
     return batch_loss(kind, raw_logits, batch, model.layout)
 
 

@@ -18,10 +18,10 @@ if TYPE_CHECKING:
 
 
 def _gather(array: np.ndarray, world_size: int) -> np.ndarray:
+    """Every rank's rows, in rank order (ranks hold disjoint, possibly empty, slices)."""
     parts: list[np.ndarray | None] = [None] * world_size
     dist.all_gather_object(parts, array)
-    return np.concatenate([p for p in parts if p is not None and len(p)], axis=0) if any(
-        p is not None and len(p) for p in parts) else array[:0]
+    return np.concatenate(parts, axis=0)
 
 
 @torch.no_grad()
@@ -35,7 +35,7 @@ def predict_survey(run: Run, survey: str) -> dict[str, np.ndarray]:
         logits = run.engine.forward(batch.images).float()
         batch = batch.to(logits.device)
         model = run.engine.module
-        losses.append(stages.loss(run.cfg.loss, logits, batch, run.schema, model).item() * len(batch))
+        losses.append(stages.loss(run.cfg.loss, logits, batch, model).item() * len(batch))
         preds.append(stages.fractions(logits, model).cpu().numpy())
         targets.append(batch.features.cpu().numpy())
         masks.append(batch.feature_mask.cpu().numpy())
