@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from sharding import build, images, verify
+from sharding import build, render, verify
 from sharding.registry import load_survey
 from sharding.writer import index_text
 
@@ -138,7 +138,7 @@ def test_interrupted_build_resumes_byte_identical(mock_surveys, tmp_path, monkey
     reference = tmp_path / "reference"
     assert build.main(_build_args(raw, "hst", reference, "--samples-per-shard", "5")) == 0
     calls = {"n": 0}
-    real = images.prepare_sample
+    real = render.prepare_sample
 
     def dies_after_17(*a, **k):
         calls["n"] += 1
@@ -146,13 +146,13 @@ def test_interrupted_build_resumes_byte_identical(mock_surveys, tmp_path, monkey
             raise KeyboardInterrupt  # stands in for a kill in the middle of a shard
         return real(*a, **k)
 
-    monkeypatch.setattr(images, "prepare_sample", dies_after_17)
+    monkeypatch.setattr(render, "prepare_sample", dies_after_17)
     resumed = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         build.main(_build_args(raw, "hst", resumed, "--samples-per-shard", "5"))
     assert not (resumed / "hst" / "manifest.json").exists()
     assert len(list((resumed / "hst").glob("*.tar"))) >= 2  # completed shards survived the interruption
-    monkeypatch.setattr(images, "prepare_sample", real)
+    monkeypatch.setattr(render, "prepare_sample", real)
     calls["n"] = 0
     assert build.main(_build_args(raw, "hst", resumed, "--samples-per-shard", "5")) == 0
     assert _files(resumed / "hst") == _files(reference / "hst")

@@ -9,7 +9,7 @@ import pytest
 from astropy.io import fits
 from PIL import Image
 
-from sharding import images
+from sharding import images, render
 from sharding.images import ImageError
 
 from image_cases import (ASTROPY_DATA, galaxy_cube, write_fits, write_png, decode, reason_of)
@@ -79,6 +79,30 @@ def test_read_fits_2d_and_cube(tmp_path):
     np.testing.assert_array_equal(images.read_image([write_fits(tmp_path / "4d.fits", cube[None])]), cube)
 
 
+def test_plain_float_fits_fast_path_equals_astropy_and_leaves_the_rest_to_it(tmp_path):
+    cube = galaxy_cube(size=20)
+    cases = {"f32": cube, "f64": cube.astype(np.float64), "2d": cube[0], "4d": cube[None]}
+    for name, data in cases.items():
+        path = write_fits(tmp_path / f"{name}.fits", data)
+        fast = images._read_plain_float_fits(path)
+        assert fast is not None and fast.dtype == np.float32
+        np.testing.assert_array_equal(fast, fits.getdata(path).astype(np.float32))
+    scaled = fits.PrimaryHDU(np.arange(400, dtype=np.float32).reshape(20, 20))
+    scaled.scale("int16", bscale=0.5, bzero=10.0)  # stored as (value - 10) / 0.5
+    scaled.writeto(tmp_path / "scaled.fits")
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(cube)]).writeto(tmp_path / "ext.fits")
+    whole = write_fits(tmp_path / "whole.fits", cube).read_bytes()
+    (tmp_path / "cut.fits").write_bytes(whole[:len(whole) - 3000])
+    for name in ("scaled", "ext", "cut"):
+        assert images._read_plain_float_fits(tmp_path / f"{name}.fits") is None, name
+    # the general reader takes over: scaling applied, the extension found, the truncation reported
+    np.testing.assert_array_equal(images.read_image([tmp_path / "scaled.fits"])[0], np.arange(400).reshape(20, 20))
+    np.testing.assert_array_equal(images.read_image([tmp_path / "ext.fits"]), cube)
+    with pytest.raises(ImageError) as excinfo:
+        images.read_image([tmp_path / "cut.fits"])
+    assert reason_of(excinfo) == "unreadable" and "cut.fits" in str(excinfo.value)
+
+
 def test_read_per_band_files_stacks_in_order(tmp_path):
     cube = galaxy_cube(size=16)
     paths = [write_fits(tmp_path / f"b{i}.fits", band) for i, band in enumerate(cube)]
@@ -124,7 +148,7 @@ def test_read_16bit_png(tmp_path):
     data = images.read_image([write_png(tmp_path / "deep.png", values)])
     assert data.shape == (1, 24, 32) and data.dtype == np.float32
     np.testing.assert_array_equal(data[0], values.astype(np.float32))
-    rgb = decode(images.prepare_sample([tmp_path / "deep.png"], image_size=16, image_format="png")["png"])
+    rgb = decode(render.prepare_sample([tmp_path / "deep.png"], image_size=16, image_format="png")["png"])
     assert rgb.shape == (16, 16, 3) and np.array_equal(rgb[..., 0], rgb[..., 2]) and rgb.max() > rgb.min()
 
 

@@ -8,7 +8,7 @@ import pytest
 from astropy.visualization import LuptonAsinhStretch, make_lupton_rgb
 from PIL import Image, JpegImagePlugin
 
-from sharding import images
+from sharding import images, render
 from sharding.images import ImageError
 
 from image_cases import (galaxy_cube, write_fits, write_png, decode, load_npy, reason_of)
@@ -70,29 +70,29 @@ def centre_mean(rgb: np.ndarray) -> np.ndarray:
 
 
 def test_reddest_band_is_red():
-    red_galaxy = images.to_rgb8(galaxy_cube(colours=(0.3, 1.0, 3.0)), False)
+    red_galaxy = render.to_rgb8(galaxy_cube(colours=(0.3, 1.0, 3.0)), False)
     assert red_galaxy.shape == (48, 48, 3) and red_galaxy.dtype == np.uint8
     r, g, b = centre_mean(red_galaxy)
     assert r > g > b and r > 1.5 * b
-    r, g, b = centre_mean(images.to_rgb8(galaxy_cube(colours=(3.0, 1.0, 0.3)), False))
+    r, g, b = centre_mean(render.to_rgb8(galaxy_cube(colours=(3.0, 1.0, 0.3)), False))
     assert b > g > r and b > 1.5 * r
 
 
 def test_more_than_three_bands_uses_the_reddest_three():
     cube = galaxy_cube()
     ugriz = np.concatenate([galaxy_cube(colours=(50.0, 20.0), seed=1), cube])
-    np.testing.assert_array_equal(images.to_rgb8(ugriz, False), images.to_rgb8(cube, False))
+    np.testing.assert_array_equal(render.to_rgb8(ugriz, False), render.to_rgb8(cube, False))
 
 
 def test_two_bands_map_to_blue_and_red():
-    r, g, b = centre_mean(images.to_rgb8(galaxy_cube(colours=(0.3, 3.0)), False))
+    r, g, b = centre_mean(render.to_rgb8(galaxy_cube(colours=(0.3, 3.0)), False))
     assert r > g > b
-    r, g, b = centre_mean(images.to_rgb8(galaxy_cube(colours=(3.0, 0.3)), False))
+    r, g, b = centre_mean(render.to_rgb8(galaxy_cube(colours=(3.0, 0.3)), False))
     assert b > g > r
 
 
 def test_one_band_is_grey():
-    rgb = images.to_rgb8(galaxy_cube(colours=(1.0,)), False)
+    rgb = render.to_rgb8(galaxy_cube(colours=(1.0,)), False)
     assert np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])
     assert rgb.max() > 200 and np.median(rgb) < 60
 
@@ -101,13 +101,13 @@ def test_stretch_ignores_units_and_sky_level():
     """Noise-normalised: a survey with 1000x the flux units and a sky pedestal renders the same."""
     cube = galaxy_cube(size=64)
     rescaled = cube.astype(np.float64) * 1000 + 250
-    diff = images.to_rgb8(cube, False).astype(int) - images.to_rgb8(rescaled.astype(np.float32), False)
+    diff = render.to_rgb8(cube, False).astype(int) - render.to_rgb8(rescaled.astype(np.float32), False)
     assert np.abs(diff).max() <= 1
 
 
 def test_bright_core_is_not_burnt_out_and_sky_is_dark():
     cube = galaxy_cube(size=64, flux=2500.0, noise=0.01, scale_px=3.0)  # core at ~20000 sigma
-    rgb = images.to_rgb8(cube, False)
+    rgb = render.to_rgb8(cube, False)
     assert (rgb.max(axis=2) == 255).mean() < 0.002
     core = rgb[32 - 3:32 + 3, 32 - 3:32 + 3].max(axis=2)
     assert core.min() > 150 and len(np.unique(core)) > 3  # bright with structure, not a flat blob
@@ -116,28 +116,28 @@ def test_bright_core_is_not_burnt_out_and_sky_is_dark():
 
 
 def test_matches_astropy_make_lupton_rgb():
-    planes = images._colour_planes(galaxy_cube(size=32))
+    planes = render._colour_planes(galaxy_cube(size=32))
     stretch = LuptonAsinhStretch(stretch=8.0 * 2.0, Q=8.0)
     reference = make_lupton_rgb(*planes, stretch_object=stretch)
     intensity = planes.mean(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         gain = np.arcsinh(intensity / 2.0) / intensity * (0.1 / np.arcsinh(0.8))  # the same stretch, as to_rgb8 forms it
     gain[~(intensity > 0)] = 0.0
-    ours = images._lupton_planes8(planes.copy(), gain.astype(np.float32)).transpose(1, 2, 0)
+    ours = render._lupton_planes8(planes.copy(), gain.astype(np.float32)).transpose(1, 2, 0)
     assert np.abs(ours.astype(int) - reference).max() <= 1
 
 
 def test_background_and_noise_estimates_with_a_galaxy_present():
     cube = galaxy_cube(size=128, flux=2000.0, noise=0.5)
     cube[0] += 3.0
-    background, noise = images._background_and_noise(cube[0])
+    background, noise = render._background_and_noise(cube[0])
     assert background == pytest.approx(3.0, abs=0.1) and noise == pytest.approx(0.5, rel=0.1)
 
 
 def test_noise_estimate_ignores_zero_padding():
     cube = galaxy_cube(size=96, flux=500.0, noise=0.2)
     cube[0, :, :50] = 0.0  # off the survey footprint
-    background, noise = images._background_and_noise(cube[0])
+    background, noise = render._background_and_noise(cube[0])
     assert noise == pytest.approx(0.2, rel=0.15) and abs(background) < 0.05
 
 
@@ -147,7 +147,7 @@ def test_nan_inf_negative_and_saturated_pixels_render(tmp_path):
     cube[1, 0:5, :] = -1e4  # badly over-subtracted rows
     cube[0, 10, 10], cube[2, 11, 11], cube[1, 30, 3] = np.nan, np.inf, -np.inf
     cleaned, _ = images.clean_pixels(cube)
-    rgb = images.to_rgb8(cleaned, False)
+    rgb = render.to_rgb8(cleaned, False)
     assert rgb.shape == (48, 48, 3)
     assert (rgb[22:26, 22:26] > 200).all()  # saturated core is white-ish, not a hole
     assert rgb[40:, 40:].mean() < 60  # the sky stays dark
@@ -155,7 +155,7 @@ def test_nan_inf_negative_and_saturated_pixels_render(tmp_path):
 
 def test_8bit_rgb_passes_through():
     data = np.random.default_rng(0).integers(0, 256, (3, 10, 12)).astype(np.float32)
-    rgb = images.to_rgb8(data, True)
+    rgb = render.to_rgb8(data, True)
     np.testing.assert_array_equal(rgb, data.transpose(1, 2, 0).astype(np.uint8))
 
 
@@ -166,17 +166,17 @@ def test_square_resize_crops_the_centre():
     rgb[:, :10, 2] = 255  # blue side strips fall outside the central 40 x 40 square
     rgb[:, -10:, 2] = 255
     rgb[:, 10:50, 0] = 255
-    out = images.square_resize(rgb, 24)
+    out = render.square_resize(rgb, 24)
     assert out.shape == (24, 24, 3) and out.dtype == np.uint8
     assert out[..., 2].max() == 0 and out[..., 0].min() == 255
 
 
 def test_square_resize_float_bands():
     planes = np.full((2, 30, 50), 3.5, np.float32)
-    out = images.square_resize(planes, 16)
+    out = render.square_resize(planes, 16)
     assert out.shape == (2, 16, 16) and out.dtype == np.float32
     np.testing.assert_allclose(out, 3.5, rtol=1e-5)
-    assert images.square_resize(planes[0], 64).shape == (64, 64)
+    assert render.square_resize(planes[0], 64).shape == (64, 64)
 
 
 # --- prepare_sample --------------------------------------------------------------------------------------------
@@ -184,10 +184,10 @@ def test_square_resize_float_bands():
 @pytest.mark.parametrize("size, fmt", [(224, "jpg"), (256, "png"), (32, "jpg")])
 def test_prepare_sample_size_format_and_determinism(tmp_path, size, fmt):
     path = write_fits(tmp_path / "g.fits", galaxy_cube(size=96))
-    first = images.prepare_sample([path], image_size=size, image_format=fmt)
+    first = render.prepare_sample([path], image_size=size, image_format=fmt)
     assert set(first) == {fmt}
     assert decode(first[fmt]).shape == (size, size, 3)
-    assert images.prepare_sample([path], image_size=size, image_format=fmt) == first
+    assert render.prepare_sample([path], image_size=size, image_format=fmt) == first
 
 
 def test_prepare_sample_bytes_match_in_a_worker_process(tmp_path):
@@ -195,46 +195,46 @@ def test_prepare_sample_bytes_match_in_a_worker_process(tmp_path):
     kwargs = {"image_size": 48, "keep_float": True}
     with multiprocessing.get_context("fork").Pool(1) as pool:
         remote = pool.apply(_prepare_kwargs, ([path], kwargs))
-    assert remote == images.prepare_sample([path], **kwargs)
+    assert remote == render.prepare_sample([path], **kwargs)
 
 
 def _prepare_kwargs(paths, kwargs):
-    return images.prepare_sample(paths, **kwargs)
+    return render.prepare_sample(paths, **kwargs)
 
 
 def test_jpeg_settings(tmp_path):
     path = write_fits(tmp_path / "g.fits", galaxy_cube(size=64))
-    high = images.prepare_sample([path], image_size=64, jpeg_quality=95)["jpg"]
-    low = images.prepare_sample([path], image_size=64, jpeg_quality=40)["jpg"]
-    full_colour = images.prepare_sample([path], image_size=64, jpeg_quality=95, jpeg_chroma="444")["jpg"]
+    high = render.prepare_sample([path], image_size=64, jpeg_quality=95)["jpg"]
+    low = render.prepare_sample([path], image_size=64, jpeg_quality=40)["jpg"]
+    full_colour = render.prepare_sample([path], image_size=64, jpeg_quality=95, jpeg_chroma="444")["jpg"]
     assert len(low) < len(high) < len(full_colour)
     assert JpegImagePlugin.get_sampling(Image.open(io.BytesIO(high))) == 2  # 4:2:0 by default
     assert JpegImagePlugin.get_sampling(Image.open(io.BytesIO(full_colour))) == 0  # 4:4:4 on request
     with pytest.raises(ValueError, match="jpeg_chroma"):
-        images.prepare_sample([path], image_size=64, jpeg_chroma="422")
+        render.prepare_sample([path], image_size=64, jpeg_chroma="422")
 
 
 def test_keep_float_npy_round_trips(tmp_path):
     cube = galaxy_cube(size=64, flux=200.0)
     cube[0, 5, 5] = np.nan
     cube[2, 0, :] = 1e6  # beyond float16: clipped, not inf
-    members = images.prepare_sample([write_fits(tmp_path / "g.fits", cube)], image_size=32, keep_float=True)
+    members = render.prepare_sample([write_fits(tmp_path / "g.fits", cube)], image_size=32, keep_float=True)
     assert set(members) == {"jpg", "npy"}
     stored = load_npy(members["npy"])
     assert stored.shape == (3, 32, 32) and stored.dtype == np.float16
     assert np.isfinite(stored).all() and stored.max() == np.float16(65504)
-    expected = images.square_resize(images.clean_pixels(cube)[0], 32)
+    expected = render.square_resize(images.clean_pixels(cube)[0], 32)
     np.testing.assert_allclose(stored[:2].astype(np.float32), expected[:2], rtol=2e-3, atol=2e-4)
 
 
 def test_keep_float_same_size_is_exact_and_jpeg_sources_are_bluest_first(tmp_path):
     cube = galaxy_cube(size=32)
-    stored = load_npy(images.prepare_sample([write_fits(tmp_path / "g.fits", cube)], image_size=32,
+    stored = load_npy(render.prepare_sample([write_fits(tmp_path / "g.fits", cube)], image_size=32,
                                             keep_float=True)["npy"])
     np.testing.assert_array_equal(stored, cube.astype(np.float16))
     rgb = np.zeros((32, 32, 3), np.uint8)
     rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 100, 10
-    members = images.prepare_sample([write_png(tmp_path / "x.png", rgb)], image_size=32, keep_float=True)
+    members = render.prepare_sample([write_png(tmp_path / "x.png", rgb)], image_size=32, keep_float=True)
     np.testing.assert_allclose(decode(members["jpg"]).mean(axis=(0, 1)), [200, 100, 10], atol=2)
     np.testing.assert_array_equal(load_npy(members["npy"])[:, 0, 0], [10, 100, 200])
 
@@ -242,18 +242,18 @@ def test_keep_float_same_size_is_exact_and_jpeg_sources_are_bluest_first(tmp_pat
 def test_prepare_sample_from_per_band_files_and_jpeg(tmp_path):
     cube = galaxy_cube(size=60, colours=(0.3, 3.0))
     paths = [write_fits(tmp_path / f"7_{band}.fits", data) for band, data in zip(("F606W", "F814W"), cube)]
-    members = images.prepare_sample(paths, image_size=40, keep_float=True)
+    members = render.prepare_sample(paths, image_size=40, keep_float=True)
     r, g, b = centre_mean(decode(members["jpg"]))
     assert r > g > b
     assert load_npy(members["npy"]).shape == (2, 40, 40)
     big = tmp_path / "big.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (500, 700, 3), dtype=np.uint8)).save(big)
-    assert decode(images.prepare_sample([big], image_size=64)["jpg"]).shape == (64, 64, 3)
+    assert decode(render.prepare_sample([big], image_size=64)["jpg"]).shape == (64, 64, 3)
 
 
 def test_large_cutout_is_binned_and_rendered(tmp_path):
     path = write_fits(tmp_path / "big.fits", galaxy_cube(size=300, flux=3000.0))
-    rgb = decode(images.prepare_sample([path], image_size=64, image_format="png")["png"])
+    rgb = decode(render.prepare_sample([path], image_size=64, image_format="png")["png"])
     assert rgb.shape == (64, 64, 3)
     r, g, b = centre_mean(rgb)
     assert r > 150 and r > b and rgb[:6, :6].mean() < 60
@@ -262,14 +262,14 @@ def test_large_cutout_is_binned_and_rendered(tmp_path):
 def test_prepare_sample_errors_name_the_file(tmp_path):
     nan_path = write_fits(tmp_path / "nan.fits", np.full((3, 16, 16), np.nan, np.float32))
     with pytest.raises(ImageError) as excinfo:
-        images.prepare_sample([nan_path], image_size=16)
+        render.prepare_sample([nan_path], image_size=16)
     assert reason_of(excinfo) == "all-nan" and str(nan_path) in str(excinfo.value)
     zero_path = write_fits(tmp_path / "zero.fits", np.zeros((16, 16), np.float32))
     with pytest.raises(ImageError) as excinfo:
-        images.prepare_sample([zero_path], image_size=16)
+        render.prepare_sample([zero_path], image_size=16)
     assert reason_of(excinfo) == "constant" and str(zero_path) in str(excinfo.value)
     with pytest.raises(ImageError) as excinfo:
-        images.prepare_sample([tmp_path / "absent.fits"], image_size=16)
+        render.prepare_sample([tmp_path / "absent.fits"], image_size=16)
     assert reason_of(excinfo) == "missing-file"
 
 
@@ -277,5 +277,5 @@ def test_bad_arguments_are_plain_value_errors(tmp_path):
     path = write_fits(tmp_path / "g.fits", galaxy_cube(size=16))
     for kwargs in ({"image_format": "webp"}, {"jpeg_quality": 0}, {"image_size": 0}):
         with pytest.raises(ValueError) as excinfo:
-            images.prepare_sample([path], **{"image_size": 16, **kwargs})
+            render.prepare_sample([path], **{"image_size": 16, **kwargs})
         assert not isinstance(excinfo.value, ImageError)
