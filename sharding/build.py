@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import multiprocessing
 import sys
@@ -118,24 +119,25 @@ def _tasks(labels: pd.DataFrame, split: str, start: int) -> list[tuple]:
     return tasks[start:]
 
 
-def _results(tasks: list[tuple], params: dict, workers: int):
+@contextlib.contextmanager
+def _renderer(params: dict, workers: int):
+    """Yields tasks -> iterator of _process results, in order: in this process, or one worker pool for every split."""
     if workers <= 1:
         _init_worker(params)
-        yield from map(_process, tasks)
+        yield lambda tasks: map(_process, tasks)
         return
-    chunk = min(16, max(1, len(tasks) // (workers * 8)))
     with multiprocessing.get_context("fork").Pool(workers, _init_worker, (params,)) as pool:
-        yield from pool.imap(_process, tasks, chunksize=chunk)
+        yield lambda tasks: pool.imap(_process, tasks, chunksize=min(16, max(1, len(tasks) // (workers * 8))))
 
 
 def write_split(out_dir: Path, survey: str, split: str, labels: pd.DataFrame, params: dict,
-                state: progress.SplitState, log: progress.ProgressLog, workers: int, bar) -> None:
+                state: progress.SplitState, log: progress.ProgressLog, render_all, bar) -> None:
     """Render and pack one split from where an earlier run stopped, logging every completed shard."""
     tasks = _tasks(labels, split, state.next_position)
     packer = ShardPacker(out_dir, survey, split, params["samples_per_shard"], first_shard=len(state.records))
     pending: list[Reject] = []
     try:
-        for position, key, members, reject in _results(tasks, params, workers):
+        for position, key, members, reject in render_all(tasks):
             bar.update(1)
             if reject is not None:
                 pending.append(reject)
@@ -214,10 +216,11 @@ def run(args: argparse.Namespace) -> int:
         return _exit_code(args, out_dir)
     remaining = sum(max(0, int((labels["split"] == s).sum()) - states[s].next_position) for s in states)
     with progress.ProgressLog(out_dir) as log, tqdm(total=remaining, unit="gal", desc=f"{survey.name} shards",
-                                                    disable=args.no_progress, mininterval=0.5) as bar:
+                                                    disable=args.no_progress, mininterval=0.5) as bar, \
+            _renderer(params, args.workers) as render_all:
         for split, state in states.items():
             if not state.done:
-                write_split(out_dir, survey.name, split, labels, params, state, log, args.workers, bar)
+                write_split(out_dir, survey.name, split, labels, params, state, log, render_all, bar)
     states = progress.load_states(out_dir, params)
     manifest = finalize(out_dir, survey, schema, params, labels, catalog_rejects, states)
     progress.cleanup(out_dir)
