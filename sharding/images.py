@@ -210,10 +210,10 @@ def _read_fits_astropy(source: Path | io.BytesIO, path: Path, caught: list) -> n
             hdu = next((h for h in hdul if h.is_image and h.data is not None), None)
             data = None if hdu is None else np.array(hdu.data, dtype=np.float32)
     except _UNREADABLE_ERRORS as exc:
-        notes = "".join(f"; {w.message}" for w in caught)
+        notes = _warning_notes(caught)
         raise ImageError("unreadable", f"{path}: cannot read FITS ({type(exc).__name__}: {exc}{notes})") from exc
     if data is None:
-        notes = "".join(f"; {w.message}" for w in caught)
+        notes = _warning_notes(caught)
         raise ImageError("unreadable", f"{path}: no HDU with image data{notes}")
     return data
 
@@ -250,3 +250,8 @@ def _fill_nan(band: np.ndarray, fallback: float) -> None:
         fillable = bad & (num > 0)
         band[fillable] = total[fillable] / num[fillable]
     band[np.isnan(band)] = fallback
+
+
+def _warning_notes(caught: list) -> str:
+    """'; message' per distinct warning (astropy repeats its truncation warning once per access)."""
+    return "".join(f"; {message}" for message in dict.fromkeys(str(w.message) for w in caught))
