@@ -29,7 +29,7 @@ STATS_MAX_PIXELS = 4096  # background/noise come from a strided subsample of at 
 SOFTENING_SIGMA = 1.0  # asinh turns from linear to logarithmic at this many noise sigmas of the mean intensity
 PEAK_FRACTION = 5e-4  # the brightest 0.05% of pixels may saturate (hot pixels, star cores), nothing more
 MIN_PEAK_SIGMA = 30.0  # white is never fainter than this many sigmas, so a blank (pure noise) field stays dim
-TINY = float(np.finfo(np.float32).tiny)
+TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32: the intensity floor that avoids 0 / 0
 MAX_SIGMA = 1e12  # caps normalised pixels so float32 arithmetic in the stretch never overflows
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -40,7 +40,7 @@ def to_rgb8(data: np.ndarray, is_8bit_rgb: bool) -> np.ndarray:
     8-bit RGB (JPEG/PNG, channels R, G, B) passes through. Float data: each band has its background
     subtracted and is divided by its noise (robust order statistics on a subsample, so sky noise looks
     alike across images and surveys), then the Lupton et al. (2004) colour-preserving asinh stretch
-    (astropy's make_lupton_rgb / LuptonAsinhStretch arithmetic, in fewer passes; a test checks equality) with the
+    (astropy's make_lupton_rgb / LuptonAsinhStretch arithmetic in fewer passes; a test holds it to 1 level) with the
     softening at SOFTENING_SIGMA and Q chosen so that only the brightest PEAK_FRACTION of pixels saturate: cores
     are not burnt out. 1 band -> grey; 2 bands -> (R, G, B) = (b2, mean, b1); >= 3 bands -> the reddest three,
     reddest = R.
@@ -76,7 +76,7 @@ def render_planes(data: np.ndarray, is_8bit_rgb: bool) -> np.ndarray:
 
 
 def square_resize(img: np.ndarray, size: int) -> np.ndarray:
-    """Centre-crop to a square, then resize to size x size with PIL (bicubic, box pre-reduction when shrinking a lot).
+    """Centre-crop to a square, then resize to size x size with PIL (bilinear, box pre-reduction when shrinking a lot).
 
     (H, W, 3) uint8 RGB -> (size, size, 3) uint8; (bands, H, W) or (H, W) float -> float32 of the same layout.
     """
@@ -158,9 +158,10 @@ def _lupton_planes8(planes: np.ndarray, gain: np.ndarray, peak: np.ndarray | Non
 
     Every channel is scaled by f(I) / I of the mean intensity I (`gain`, >= 0), clipped at 0, and a pixel whose
     brightest channel (`peak`: max over channels times gain, when the caller has it) passes 1 is scaled down
-    as a whole so that its hue survives; both scalings are folded into one per-pixel factor. Consumes `planes`.
+    as a whole so that its hue survives; both scalings are folded into one per-pixel factor. Consumes `planes`
+    and `peak`.
     """
-    factor = planes.max(axis=0) * gain if peak is None else peak.copy()
+    factor = planes.max(axis=0) * gain if peak is None else peak
     np.maximum(factor, 1.0, out=factor)
     np.divide(gain, factor, out=factor)
     factor *= np.float32(255.0)

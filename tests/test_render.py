@@ -125,6 +125,9 @@ def test_matches_astropy_make_lupton_rgb():
     gain[~(intensity > 0)] = 0.0
     ours = render._lupton_planes8(planes.copy(), gain.astype(np.float32)).transpose(1, 2, 0)
     assert np.abs(ours.astype(int) - reference).max() <= 1
+    peak = planes.max(axis=0) * gain.astype(np.float32)  # render_planes hands the peak over precomputed
+    np.testing.assert_array_equal(render._lupton_planes8(planes.copy(), gain.astype(np.float32), peak),
+                                  ours.transpose(2, 0, 1))
 
 
 def test_background_and_noise_estimates_with_a_galaxy_present():
