@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -18,6 +17,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.report import write_report  # noqa: E402
 from loaders.augment import AugmentConfig  # noqa: E402
 from loaders.loader import LoaderConfig, build_loader  # noqa: E402
 from loaders.sampler import MixConfig  # noqa: E402
@@ -140,11 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r["vs_plain"], r["vs_dali_reader"] = r["img_per_s"] / base, r["img_per_s"] / reader
         print(f"{r['case']:<42}{r['images']:>8}{r['img_per_s']:>9.1f}{r['vs_plain']:>9.2f}x{r['vs_dali_reader']:>15.2f}x")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"benchmark": "loaders", "batch": args.batch, "device": device,
-                                     "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                                     "rows": rows}, indent=2))
-    print(f"wrote {args.json}")
+    write_report(args.json, "loaders", rows, batch=args.batch, device=device)
     return 0
 
 

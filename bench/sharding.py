@@ -22,6 +22,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.report import write_report  # noqa: E402
 from sharding import build  # noqa: E402
 from sharding.catalog import read_catalog  # noqa: E402
 from sharding.mock import main as mock_main  # noqa: E402
@@ -113,12 +114,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['galaxies_per_s']:>8.1f}{row['speedup_vs_naive']:>8.2f}x{row['marginal_galaxies_per_s']:>16.1f}"
               f"{row['marginal_speedup_vs_naive']:>8.2f}x")
     print("marginal = galaxies/s between a quarter-size and the full catalog (start-up excluded)")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"benchmark": "sharding", "num_galaxies": args.num_galaxies,
-                                     "cutout_px": args.cutout_px, "image_size": args.image_size,
-                                     "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                                     "rows": rows}, indent=2))
-    print(f"wrote {args.json}")
+    write_report(args.json, "sharding", rows, num_galaxies=args.num_galaxies, cutout_px=args.cutout_px,
+                 image_size=args.image_size)
     return 0
 
 

@@ -19,6 +19,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.report import write_report  # noqa: E402
 from models.config import load_model_config  # noqa: E402
 
 
@@ -119,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['achieved_tflops']:>7.3f}{100 * r['mfu']:>6.1f}%")
     print("MFU = model training FLOPs (3 x analytic forward) per second / measured dense matmul FLOP/s on this "
           "device and dtype.")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"benchmark": "train", "machine": {"cpus": os.cpu_count(),
-                                     "platform": platform.platform(), "cuda": gpu}, "rows": rows}, indent=2))
-    print(f"wrote {args.json}")
+    write_report(args.json, "train", rows, cuda=gpu)
     return 0
 
 
