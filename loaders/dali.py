@@ -216,3 +216,26 @@ class DaliBackend:
         keys = [bytes(row.numpy()).rstrip(b"\0").decode() for row in out["key"].cpu()]
         return (batch_index, out["images"], out["ref"].cpu().numpy(), keys,
                 out["num_skipped"].cpu().numpy().reshape(-1))
+
+
+def iter_plain_batches(source, cfg: LoaderConfig) -> Iterator[tuple[int, torch.Tensor]]:
+    """(batch index, images) of an evaluation source (loaders.evaluation.PlainSource), augmentation off.
+
+    The training pipeline with identity plans, so GPU decoding gives the pixels training saw. Images are
+    cloned: DALI's iterator refills the same tensors on the next call.
+    """
+    gpu = cfg.device == "gpu"
+    parallel = cfg.num_workers > 0
+    pipeline = augment_pipeline(
+        DaliSource(source, 0, 0, source.num_batches, list(cfg.mean), list(cfg.std)), parallel, cfg.prefetch, gpu,
+        cfg.image_size, batch_size=source.batch_size, num_threads=cfg.num_threads,
+        device_id=torch.cuda.current_device() if gpu else None, prefetch_queue_depth=cfg.prefetch,
+        py_num_workers=max(cfg.num_workers, 1),
+        py_start_method="spawn" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork")
+    pipeline.build()
+    iterator = DALIGenericIterator(pipeline, PIPELINE_OUTPUTS, auto_reset=False,
+                                   last_batch_policy=LastBatchPolicy.FILL)
+    for outputs in iterator:
+        out = outputs[0]
+        _, batch_index = (int(v) for v in out["position"][0])
+        yield batch_index, out["images"].clone()

@@ -171,10 +171,13 @@ class MorphologyModel(nn.Module):
     def output_names(self) -> list[str]:
         return self.layout.names
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) images to the (N, D) pooled backbone features the head reads (embeddings, neighbours)."""
+        return pool_tokens(self.backbone(pixel_values=images).last_hidden_state, self.config.pooling)
+
     def forward(self, images: torch.Tensor, with_other: bool = False) -> torch.Tensor:
         """(N, C, H, W) images to (N, F) named logits, or the (N, F + K) raw logits with `with_other`."""
-        hidden = self.backbone(pixel_values=images).last_hidden_state
-        raw = self.head(pool_tokens(hidden, self.config.pooling))
+        raw = self.head(self.embed(images))
         return raw if with_other else public_logits(raw, self.layout)
 
     def fractions(self, logits: torch.Tensor) -> torch.Tensor:

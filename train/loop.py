@@ -171,6 +171,6 @@ def train(run: Run) -> dict:
     save(run, "final")
     if run.world.is_main:
         stages.export(run, run.engine.fp32_state_dict(checkpoint.checkpoint_root(run.out_dir),
-                                                      checkpoint.tag_for(run.step)))
+                                                      checkpoint.tag_for(run.step)), results)
     dist.barrier()
     return results

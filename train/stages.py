@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +15,10 @@ from models.head import MorphologyModel, fractions as head_fractions
 from models.io import WEIGHTS_FILE, read_export_meta, save_export
 from models.lora import apply_lora, is_lora, merge_lora
 from models.losses import batch_loss
+from sharding.config import to_dict
 from sharding.schema import FeatureSchema
+from sharding.writer import sha256_of
+from train import checkpoint
 from train.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -49,8 +53,29 @@ def slice_batch(batch: Batch, part: slice) -> Batch:
                  batch.total_votes[part], batch.survey[part], batch.keys[part])
 
 
-def export(run: Run, state_dict: dict[str, torch.Tensor]) -> Path | None:
-    """Rank 0 writes <out_dir>/export (safetensors + config + schema) from consolidated fp32 weights."""
+def provenance(cfg: TrainConfig, step: int, val_results: dict | None = None) -> dict:
+    """What evaluation needs to know about a trained model: what it saw, how its inputs were made, how it did.
+
+    The surveys' manifest sha256 pins the exact shards; image size and normalisation let evaluation rebuild the
+    input pipeline; the final validation summary and the git commit let a table say where a model came from.
+    """
+    loader = cfg.data.loader
+    mix = cfg.data.mix_config(cfg.seed).ratios
+    surveys = {}
+    for survey in mix:
+        manifest = Path(loader.shard_root) / survey / "manifest.json"
+        build = json.loads(manifest.read_text()).get("build", {}) if manifest.is_file() else {}
+        surveys[survey] = {"manifest": str(manifest), "manifest_sha256": sha256_of(manifest) if build else None,
+                           "image_size": build.get("image_size"), "image_format": build.get("image_format")}
+    summary = {name: {k: v for k, v in res.items() if k != "features"} for name, res in (val_results or {}).items()}
+    return {"stage": cfg.stage, "step": step, "loss": cfg.loss, "mix": {k: float(v) for k, v in mix.items()},
+            "surveys": surveys, "input": {"image_size": loader.image_size, "mean": list(loader.mean),
+                                          "std": list(loader.std)},
+            "val_metrics": summary, "config": to_dict(cfg), "git_commit": checkpoint.git_commit()}
+
+
+def export(run: Run, state_dict: dict[str, torch.Tensor], val_results: dict | None = None) -> Path | None:
+    """Rank 0 writes <out_dir>/export (safetensors + config + schema + provenance) from consolidated fp32 weights."""
     if not run.world.is_main:
         return None
     model = run.engine.module
@@ -60,6 +85,6 @@ def export(run: Run, state_dict: dict[str, torch.Tensor]) -> Path | None:
         model = merge_lora(model)
         state_dict = None
     folder = save_export(model, run.out_dir / "export", state_dict=state_dict,
-                         metadata={"stage": run.cfg.stage, "step": run.step, "loss": run.cfg.loss})
+                         metadata=provenance(run.cfg, run.step, val_results))
     run.log.event({"event": "export", "step": run.step, "path": str(folder)})
     return folder

@@ -1,0 +1,79 @@
+"""One batch through a morphology model: vote fractions, question concentrations, pooled features, MC dropout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.head import MorphologyModel, concentrations, fractions
+
+
+@dataclass
+class Outputs:
+    fractions: np.ndarray  # (n, F) float32, dropout off (the same with or without MC samples)
+    concentration: np.ndarray  # (n, Q) float32 total Dirichlet concentration per question
+    embedding: np.ndarray  # (n, D) float32 pooled backbone features
+    std: np.ndarray | None = None  # (n, F) float32 spread of the MC dropout passes
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible; use --device cpu (evaluation needs no GPU)")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    return torch.device(device)
+
+
+def _active_dropout(module: nn.Module) -> bool:
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules()):
+        return True
+    return any(getattr(m, "drop_prob", 0.0) > 0 for m in module.modules())  # DINOv2's stochastic depth
+
+
+def check_mc(model: MorphologyModel, mc_samples: int) -> None:
+    if mc_samples < 0:
+        raise ValueError(f"--mc-samples must be >= 0, got {mc_samples}")
+    if mc_samples and not _active_dropout(model):
+        raise ValueError("--mc-samples needs dropout in the model (head.dropout or the backbone's dropout), and this "
+                         "model has none; MC dropout would give zero spread")
+
+
+def question_concentration(raw: torch.Tensor, model: MorphologyModel) -> torch.Tensor:
+    """(n, Q): the sum of each question's Dirichlet concentrations (named answers and its implicit 'other')."""
+    layout = model.layout
+    alpha = concentrations(raw, layout)
+    return (alpha[:, :layout.num_features] @ layout.feature_question.to(alpha)
+            + alpha[:, layout.num_features:] @ layout.other_question.to(alpha))
+
+
+@torch.no_grad()
+def infer(model: MorphologyModel, images: torch.Tensor, mc_samples: int = 0, seed: int = 0) -> Outputs:
+    """Deterministic forward; with mc_samples, also the spread of that many passes with dropout on, seeded by `seed`.
+
+    The fractions stay the deterministic ones, so a prediction with MC samples only adds the spread."""
+    model.eval()
+    device = next(model.parameters()).device
+    images = images.to(device, torch.float32, non_blocking=True)
+    pooled = model.embed(images)
+    raw = model.head(pooled)
+    out = Outputs(fractions(raw, model.layout).float().cpu().numpy(),
+                  question_concentration(raw.float(), model).float().cpu().numpy(), pooled.float().cpu().numpy())
+    if mc_samples:
+        backbone_dropout = _active_dropout(model.backbone)
+        samples = []
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            model.train()  # dropout on; the model has no batch statistics to disturb (LayerNorm only)
+            try:
+                for _ in range(mc_samples):
+                    features = model.embed(images) if backbone_dropout else pooled
+                    samples.append(fractions(model.head(features), model.layout).float())
+            finally:
+                model.eval()
+        out.std = torch.stack(samples).std(dim=0, correction=1 if mc_samples > 1 else 0).cpu().numpy()
+    return out

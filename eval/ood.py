@@ -1,0 +1,228 @@
+"""`python -m eval ood`: the held-out-survey study: several runs scored on a survey none of them trained on."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from eval import metrics as m, source as sources
+from eval.compare import common_features
+from eval.labels import align, read_labels, read_predictions
+from eval.score import _cell, write_json
+from sharding.config import load_config
+
+EXAMPLES = """examples:
+  python -m eval ood --runs sdss_only=runs/sdss_only mixed=runs/mixed --held-out ukidss --shards data/shards \\
+      --out reports/ood
+  python -m eval ood --config configs/eval/ood_demo.yaml
+Writes <out>/ood.json, <out>/gain.png and the predictions under <out>/preds/<run>/<survey>.parquet."""
+METRICS = ("r", "r2", "mae")
+
+
+@dataclass(frozen=True)
+class OODConfig:
+    runs: dict[str, str] = field(default_factory=dict)  # name -> run folder or export
+    held_out: str = "ukidss"
+    shards: str = "data/shards"
+    out: str = "reports/ood"
+    held_out_split: str = "all"  # every galaxy of the held-out survey: none was trained on
+    id_split: str = "test"  # each run's own training surveys, on galaxies it did not train on
+    bootstrap: int = 1000
+    seed: int = 0
+    batch_size: int = 64
+    device: str = "auto"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval ood", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Predict every run on the held-out survey and on its own training surveys' test splits; report "
+                    "overall and per-question r, R^2 and MAE with 95%% bootstrap intervals per run, the paired "
+                    "differences between runs on the held-out survey, and each run's in-distribution -> held-out "
+                    "drop; plot the per-question gain.")
+    parser.add_argument("--config", help="a study YAML (configs/eval/*.yaml); flags override its values")
+    parser.add_argument("--runs", nargs="+", metavar="NAME=RUN", help="runs (folders or exports) by name")
+    parser.add_argument("--held-out", help="the survey none of the runs trained on")
+    parser.add_argument("--shards", help="shard root")
+    parser.add_argument("--out", help="output folder")
+    for flag in ("held-out-split", "id-split"):
+        parser.add_argument(f"--{flag}")
+    for flag in ("bootstrap", "seed", "batch-size"):
+        parser.add_argument(f"--{flag}", type=int)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def study_config(args: argparse.Namespace) -> OODConfig:
+    cfg = load_config(OODConfig, args.config) if args.config else OODConfig()
+    updates = {k: getattr(args, k) for k in ("held_out", "shards", "out", "held_out_split", "id_split", "bootstrap",
+                                             "seed", "batch_size", "device") if getattr(args, k) is not None}
+    if args.runs:
+        pairs = [r.split("=", 1) for r in args.runs]
+        if any(len(p) != 2 or not p[0] for p in pairs):
+            raise ValueError(f"--runs takes NAME=RUN pairs, got {args.runs}")
+        updates["runs"] = dict(pairs)
+    cfg = replace(cfg, **updates)
+    if not cfg.runs:
+        raise ValueError("no runs: pass --runs NAME=RUN ... or a --config with runs")
+    return cfg
+
+
+def predictions(cfg: OODConfig, name: str, run: str, survey: str, split: str, quiet: bool) -> Path:
+    """Predictions of one run on one survey, reused when a finished file of the same model is there."""
+    from eval import predict
+
+    out = Path(cfg.out) / "preds" / name / f"{survey}.parquet"
+    weights = sources.open_source(run).record()["weights_sha256"]
+    if out.is_file():
+        meta = read_predictions(out).metadata
+        if meta.get("model", {}).get("weights_sha256") == weights and meta.get("inputs", {}).get("split") == split:
+            return out
+    argv = ["--model", run, "--shards", cfg.shards, "--surveys", survey, "--split", split, "--out", str(out),
+            "--batch-size", str(cfg.batch_size), "--device", cfg.device, "--overwrite"]
+    predict.run(predict.parse_args(argv + (["--no-progress"] if quiet else [])))
+    return out
+
+
+def _questions(labels, features: list[str]) -> dict[str, list[str]]:
+    return {q: [f for f in fs if f in features] for q, fs in labels.questions.items() if any(f in features for f in fs)}
+
+
+def held_out_scores(cfg: OODConfig, files: dict[str, Path]) -> dict:
+    labels = read_labels(Path(cfg.shards), cfg.held_out)
+    preds = {name: read_predictions(path) for name, path in files.items()}
+    labelled = {c for c in labels.frame.columns if labels.frame[c].dtype.kind == "f" and labels.frame[c].notna().any()}
+    features, dropped = common_features(preds, set(labels.frame.columns), labelled)
+    aligned = {name: align(p.frame, features, labels, str(files[name])) for name, p in preds.items()}
+    keys = sorted(set.intersection(*(set(a.keys) for a in aligned.values())))
+    rows = {}
+    for name, a in aligned.items():
+        position = {k: i for i, k in enumerate(a.keys)}
+        rows[name] = np.array([position[k] for k in keys], dtype=np.int64)
+    arrays = {name: a.pred[rows[name]] for name, a in aligned.items()}
+    first = next(iter(aligned))
+    target = aligned[first].target[rows[first]]
+    mask = np.isfinite(target)
+    questions = _questions(labels, features)
+    runs = {}
+    for name, pred in arrays.items():
+        table = m.feature_table(pred, target, mask, features, num_resamples=cfg.bootstrap, seed=cfg.seed,
+                                groups=questions, metrics=METRICS)
+        runs[name] = {"n": len(keys), "mean": table["mean"], "questions": table["groups"],
+                      "features": {f: {k: v for k, v in r.items() if k in ("n", "r", "r_ci")}
+                                   for f, r in table["features"].items()},
+                      "_samples": table["samples"]}
+    columns = {q: [features.index(f) for f in fs] for q, fs in questions.items()}
+    names = list(arrays)
+    diffs = m.paired_differences([arrays[n] for n in names], target, mask, num_resamples=cfg.bootstrap, seed=cfg.seed,
+                                 metrics=METRICS, groups=columns)
+    pairs = [{"a": names[j], "b": names[i], **_flip(d)} for (i, j), d in diffs.items()]
+    return {"features": features, "dropped": {k: sorted(v) for k, v in dropped.items()}, "runs": runs,
+            "pairs": pairs, "questions": list(questions), "n": len(keys)}
+
+
+def _flip(d: dict) -> dict:
+    """i - j as j - i: pairs read 'later run minus earlier run' (e.g. mixed - sdss_only)."""
+    def neg(e):
+        return {"diff": -e["diff"], "ci": [-e["ci"][1], -e["ci"][0]], "p_gt0": 1 - e["p_gt0"]}
+    return {**{k: neg(v) for k, v in d.items() if k != "groups"},
+            "groups": {g: {k: neg(v) for k, v in e.items()} for g, e in d["groups"].items()}}
+
+
+def in_distribution(cfg: OODConfig, name: str, files: dict[str, Path], features: list[str]) -> dict:
+    """Mean metrics on the run's own training surveys' test splits, pooled (the drop compares with this)."""
+    preds, targets, per_survey = [], [], {}
+    for survey, path in files.items():
+        aligned = align(read_predictions(path).frame, features, read_labels(Path(cfg.shards), survey), str(path))
+        table = m.feature_table(aligned.pred, aligned.target, aligned.mask, aligned.names,
+                                num_resamples=cfg.bootstrap, seed=cfg.seed, metrics=METRICS)
+        per_survey[survey] = {"n": len(aligned.keys), "mean": table["mean"], "preds": str(path)}
+        preds.append(aligned.pred)
+        targets.append(aligned.target)
+    pred, target = np.concatenate(preds), np.concatenate(targets)
+    pooled = m.feature_table(pred, target, np.isfinite(target), features, num_resamples=cfg.bootstrap,
+                             seed=cfg.seed + 1, metrics=METRICS)
+    return {"surveys": per_survey, "pooled": {"n": len(pred), "mean": pooled["mean"]}, "_samples": pooled["samples"]}
+
+
+def run_study(cfg: OODConfig, quiet: bool = False, log=print) -> dict:
+    held = {}
+    sources_by_run = {name: sources.open_source(run) for name, run in cfg.runs.items()}
+    for name, source in sources_by_run.items():
+        if cfg.held_out in source.training_surveys:
+            raise ValueError(f"run {name} ({source.path}) trained on {cfg.held_out}: it is not held out for this run")
+        log(f"[{name}] {sources.describe(source)}\n  predicting {cfg.held_out} ({cfg.held_out_split}) and its "
+            f"training surveys {source.training_surveys} ({cfg.id_split})")
+        held[name] = predictions(cfg, name, cfg.runs[name], cfg.held_out, cfg.held_out_split, quiet)
+    result = {"held_out": cfg.held_out, "shards": cfg.shards, "held_out_split": cfg.held_out_split,
+              "id_split": cfg.id_split, "bootstrap": cfg.bootstrap, "seed": cfg.seed,
+              **held_out_scores(cfg, held)}
+    for name, source in sources_by_run.items():
+        run = result["runs"][name]
+        files = {s: predictions(cfg, name, cfg.runs[name], s, cfg.id_split, quiet) for s in source.training_surveys}
+        ind = in_distribution(cfg, name, files, result["features"])
+        drop = ind["pooled"]["mean"]["r"] - run["mean"]["r"]
+        run.update(export=str(source.path), model=source.record(), training_surveys=source.training_surveys,
+                   preds={cfg.held_out: str(held[name]), **{s: str(p) for s, p in files.items()}},
+                   in_distribution={k: v for k, v in ind.items() if k != "_samples"},
+                   drop={"r": drop, "r_ci": m.difference_interval(ind["_samples"]["r"], run["_samples"]["r"])})
+        run.pop("_samples")
+    result["gain_plot"] = write_gain_plot(result, Path(cfg.out))
+    return result
+
+
+def write_gain_plot(result: dict, out: Path) -> str | None:
+    if not result["pairs"]:
+        return None
+    from eval import plots
+
+    gains = {f"{p['a']} - {p['b']}": ([p["groups"][q]["r"]["diff"] for q in result["questions"]],
+                                      [p["groups"][q]["r"]["ci"] for q in result["questions"]])
+             for p in result["pairs"]}
+    path = out / "gain.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(plots.gain_plot(result["questions"], gains, f"per-question gain in r on held-out "
+                                                                 f"{result['held_out']}"))
+    return str(path)
+
+
+def format_study(result: dict) -> str:
+    lines = [f"held-out survey {result['held_out']}: {result['n']} galaxies ({result['held_out_split']}), "
+             f"{len(result['features'])} features",
+             f"{'run':<16}{'trained on':<22}{'ID r (test)':<24}{'held-out r':<24}{'R^2':<8}{'MAE':<8}{'drop':<24}"]
+    for name, run in result["runs"].items():
+        mean, ind = run["mean"], run["in_distribution"]["pooled"]["mean"]
+        lines.append(f"{name:<16}{'+'.join(run['training_surveys']):<22}{_cell(ind['r'], ind['r_ci']):<24}"
+                     f"{_cell(mean['r'], mean['r_ci']):<24}{_cell(mean['r2']):<8}{_cell(mean['mae']):<8}"
+                     f"{_cell(run['drop']['r'], run['drop']['r_ci']):<24}")
+    for pair in result["pairs"]:
+        lines.append(f"{pair['a']} - {pair['b']} on {result['held_out']}: r {_cell(pair['r']['diff'], pair['r']['ci'])}"
+                     f" (P(>0) {pair['r']['p_gt0']:.2f}), MAE {_cell(pair['mae']['diff'], pair['mae']['ci'])}")
+        for q in result["questions"]:
+            g = pair["groups"][q]["r"]
+            lines.append(f"    {q:<28} {_cell(g['diff'], g['ci'])}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = study_config(args)
+        result = run_study(cfg, quiet=args.no_progress)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(cfg.out) / "ood.json"
+    write_json(result, str(out))
+    print(format_study(result))
+    print(f"\nwrote {out} and {result['gain_plot']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
