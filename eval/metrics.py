@@ -217,7 +217,7 @@ def noise_ceiling_r(fraction: np.ndarray, total_votes: np.ndarray) -> float:
     if len(f) < MIN_COUNT:
         return float("nan")
     var = f.var()
-    if var <= 0:
+    if var <= 1e-12:  # constant labels (up to rounding): no correlation is defined
         return float("nan")
     noise = np.mean(f * (1.0 - f) / (n - 1.0))
     return float(np.sqrt(max(0.0, 1.0 - noise / var)))
@@ -233,28 +233,34 @@ def dirichlet_multinomial_nll(counts: np.ndarray, alpha: np.ndarray) -> np.ndarr
     return -log_p
 
 
-def question_nll(fractions: np.ndarray, concentration: np.ndarray, votes: np.ndarray,
-                 total_votes: np.ndarray) -> np.ndarray:
+def question_nll(fractions: np.ndarray, concentration: np.ndarray, votes: np.ndarray, total_votes: np.ndarray,
+                 has_other: bool) -> np.ndarray:
     """(n,) Dirichlet-multinomial NLL of one question's votes from predicted fractions and total concentration.
 
-    `fractions` (n, k) are the question's named answers; alpha_j = f_j * A, and whatever the named answers leave
-    (1 - sum f: an implicit "other" answer) joins a rest bucket with the votes of answers the survey lacks
-    (NaN vote columns) and of native answers outside the schema (total - sum of named votes). Merging categories
-    of a Dirichlet-multinomial sums their alphas and counts, so this is exact; it matches the training loss.
-    NaN for galaxies without votes.
+    `fractions` (n, k) are the question's named answers; alpha_j = f_j * A. As in training, a rest bucket holds
+    the votes of answers the survey lacks (NaN vote columns) and, for a question with an implicit "other"
+    answer (`has_other`), the votes outside the named answers (total - named) with alpha (1 - sum f) * A.
+    Merging categories of a Dirichlet-multinomial sums their alphas and counts, so this is exact and matches
+    models.losses.dirichlet_multinomial_nll. NaN for galaxies without votes.
     """
     f = np.clip(np.asarray(fractions, np.float64), 0.0, 1.0)
-    a = np.asarray(concentration, np.float64)[:, None]
+    a = np.asarray(concentration, np.float64)
     present = np.isfinite(votes)
     counts = np.where(present, votes, 0.0)
-    rest_votes = np.clip(total_votes - counts.sum(axis=1), 0.0, None)
-    alpha_named = np.maximum(f * a, 1e-12)
-    rest_alpha = np.maximum((1.0 - f.sum(axis=1)) * a[:, 0], 0.0) + np.where(present, 0.0, alpha_named).sum(axis=1)
-    alpha = np.column_stack([np.where(present, alpha_named, 1.0), np.maximum(rest_alpha, 1e-12)])
-    # A missing category gets alpha 1 and no votes: its term is exactly 0.
-    cats = np.column_stack([counts, rest_votes])
-    nll = dirichlet_multinomial_nll(cats, alpha)
-    return np.where(np.isfinite(total_votes) & (total_votes > 0), nll, np.nan)
+    has_rest = (~present).any(axis=1) | has_other
+    rest_votes = np.where(has_rest, np.clip(total_votes - counts.sum(axis=1), 0.0, None), 0.0)
+    alpha = np.maximum(f * a[:, None], 1e-30)
+    other = np.maximum(1.0 - f.sum(axis=1), 0.0) * a if has_other else np.zeros_like(a)
+    rest_alpha = np.maximum(other + np.where(present, 0.0, alpha).sum(axis=1), 1e-30)
+    num_votes = counts.sum(axis=1) + rest_votes
+
+    def term(k, alpha_k):
+        return gammaln(k + alpha_k) - gammaln(alpha_k) - gammaln(k + 1)
+
+    log_p = (gammaln(num_votes + 1) + gammaln(a) - gammaln(num_votes + a)
+             + np.where(present, term(counts, alpha), 0.0).sum(axis=1)
+             + np.where(has_rest, term(rest_votes, rest_alpha), 0.0))
+    return np.where(np.isfinite(total_votes) & (total_votes > 0), -log_p, np.nan)
 
 
 def confident_accuracy(pred: np.ndarray, target: np.ndarray, threshold: float = CONFIDENT_FRACTION) -> tuple[float, int]:

@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mc-samples", type=int, default=0, help="MC dropout passes (adds <feature>__std)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the MC dropout masks")
     parser.add_argument("--image-size", type=int, help="must equal the model's input size when given")
+    parser.add_argument("--rows-per-part", type=int, default=4096,
+                        help="galaxies per durable part (rounded to whole batches): what a resume may redo")
     parser.add_argument("--overwrite", action="store_true", help="replace --out (and its unfinished parts)")
     parser.add_argument("--no-progress", action="store_true")
     add_model_args(parser)
@@ -99,9 +101,9 @@ def shard_streams(root: Path, surveys: list[str], split: str) -> list[Stream]:
     return streams
 
 
-def block_rows(batch_size: int) -> int:
-    """Inputs per durable part: whole batches, about 4096 galaxies (bounded memory, cheap resume)."""
-    return batch_size * max(1, 4096 // batch_size)
+def block_rows(batch_size: int, rows_per_part: int) -> int:
+    """Inputs per durable part: whole batches, about rows_per_part galaxies (bounded memory, cheap resume)."""
+    return batch_size * max(1, rows_per_part // batch_size)
 
 
 def _mc_seed(seed: int, stream: int, row: int) -> int:
@@ -178,7 +180,7 @@ def predict_shards(job: Predictor, streams: list[Stream], root: Path, spec: sour
     cfg = LoaderConfig(shard_root=str(root), backend="torch", image_size=spec.image_size, mean=spec.mean,
                        std=spec.std, device="gpu" if job.device.type == "cuda" else "cpu",
                        num_workers=args.num_workers)
-    per_block = block_rows(args.batch_size)
+    per_block = block_rows(args.batch_size, args.rows_per_part)
     for stream in streams:
         labels = pd.read_parquet(root / stream.survey / "labels.parquet", columns=["key", "object_id"])
         object_id = dict(zip(labels["key"], labels["object_id"].astype(str)))
@@ -203,7 +205,7 @@ def predict_catalog(job: Predictor, rows: list, settings: catalog_input.RenderSe
     args = job.args
     cfg = LoaderConfig(backend="torch", image_size=spec.image_size, mean=spec.mean, std=spec.std)
     stream = Stream(0, survey, "catalog", len(rows))
-    per_block = block_rows(args.batch_size)
+    per_block = block_rows(args.batch_size, args.rows_per_part)
     first = job.store.done_blocks(0)
     job.bar.update(min(first * per_block, len(rows)))
     rendered = catalog_input.iter_rendered(rows[first * per_block:], settings, args.workers)
@@ -231,7 +233,8 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = resolve_device(args.device)
     backend = args.backend if args.backend != "auto" else ("dali" if device.type == "cuda" else "torch")
-    common = {"model": source.record()["weights_sha256"], "batch_size": args.batch_size, "mc_samples": args.mc_samples,
+    common = {"model": source.record()["weights_sha256"], "batch_size": args.batch_size,
+              "rows_per_part": block_rows(args.batch_size, args.rows_per_part), "mc_samples": args.mc_samples,
               "seed": args.seed, "backend": backend, "device": device.type, "embeddings": args.embeddings,
               "embeddings_dtype": args.embeddings_dtype, "input": vars(spec)}
     if args.catalog:

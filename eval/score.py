@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def question_scores(aligned: Aligned, frame, questions: dict[str, list[str]]) -> dict:
+def question_scores(aligned: Aligned, frame, questions: dict[str, list[str]], other_questions: list[str]) -> dict:
     """Per question: Dirichlet-multinomial NLL (mean over galaxies with votes) and confident-galaxy accuracy."""
     out = {}
     frame = frame.set_index("key").loc[aligned.keys]
@@ -51,7 +51,8 @@ def question_scores(aligned: Aligned, frame, questions: dict[str, list[str]]) ->
         row.update(accuracy=accuracy, n_confident=n_confident)
         concentration = f"{question}__concentration"
         if concentration in frame.columns and np.isfinite(totals).any():
-            nll = m.question_nll(pred, frame[concentration].to_numpy(np.float64), votes(aligned, features), totals)
+            nll = m.question_nll(pred, frame[concentration].to_numpy(np.float64), votes(aligned, features), totals,
+                                 has_other=question in other_questions)
             has = np.isfinite(nll)
             row.update(nll=float(nll[has].mean()) if has.any() else math.nan, n_votes=int(has.sum()))
             row["_per_galaxy"] = nll
@@ -59,7 +60,8 @@ def question_scores(aligned: Aligned, frame, questions: dict[str, list[str]]) ->
     return out
 
 
-def score_survey(aligned: Aligned, frame, questions: dict[str, list[str]], bootstrap: int, seed: int) -> dict:
+def score_survey(aligned: Aligned, frame, questions: dict[str, list[str]], other_questions: list[str],
+                 bootstrap: int, seed: int) -> dict:
     table = m.feature_table(aligned.pred, aligned.target, aligned.mask, aligned.names, num_resamples=bootstrap,
                             seed=seed)
     for name, row in table["features"].items():
@@ -69,7 +71,7 @@ def score_survey(aligned: Aligned, frame, questions: dict[str, list[str]], boots
     ceilings = [r["ceiling_r"] for r in table["features"].values() if np.isfinite(r["ceiling_r"])
                 and np.isfinite(r["r"])]
     table["mean"]["ceiling_r"] = float(np.mean(ceilings)) if ceilings else math.nan
-    q_scores = question_scores(aligned, frame, questions)
+    q_scores = question_scores(aligned, frame, questions, other_questions)
     per_galaxy = [q.pop("_per_galaxy") for q in q_scores.values() if "_per_galaxy" in q]
     nll = math.nan
     if per_galaxy:
@@ -96,7 +98,9 @@ def score(path: str | Path, shards: str | Path | None = None, bootstrap: int = 1
                 f"{root / survey / 'labels.parquet'}; scored the {len(aligned.keys)} that are")
         if aligned.dropped:
             log(f"note: {survey}: not scored (no label column): {sorted(aligned.dropped)}")
-        result["surveys"][survey] = score_survey(aligned, frame, labels.questions, bootstrap, seed)
+        result["surveys"][survey] = score_survey(aligned, frame, labels.questions,
+                                                 preds.metadata.get("model", {}).get("other_questions", []),
+                                                 bootstrap, seed)
     return result
 
 

@@ -41,8 +41,13 @@ class ModelSource:
         return self.meta["schema"]
 
     @property
+    def mix(self) -> dict[str, float]:
+        """Training surveys and their shares, in the loaders' survey order."""
+        return {survey: float(share) for survey, share in self.provenance.get("mix", [])}
+
+    @property
     def training_surveys(self) -> list[str]:
-        return list(self.provenance.get("mix", {}))
+        return list(self.mix)
 
     def input_spec(self) -> InputSpec:
         spec = self.provenance.get("input")
@@ -57,8 +62,9 @@ class ModelSource:
         prov = self.provenance
         return {"export": str(self.path), "weights_sha256": sha256_of(self.path / WEIGHTS_FILE),
                 "schema": {"name": self.schema["name"], "version": self.schema["version"]},
-                "output_names": self.names, "stage": prov.get("stage"), "step": prov.get("step"),
-                "loss": prov.get("loss"), "mix": prov.get("mix", {}), "surveys": prov.get("surveys", {}),
+                "output_names": self.names, "other_questions": list(self.meta.get("other_questions", [])),
+                "stage": prov.get("stage"), "step": prov.get("step"),
+                "loss": prov.get("loss"), "mix": self.mix, "surveys": prov.get("surveys", {}),
                 "input": prov.get("input"), "val_metrics": prov.get("val_metrics", {}),
                 "git_commit": prov.get("git_commit"), "model": self.meta.get("model", {}).get("name")}
 

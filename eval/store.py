@@ -31,6 +31,7 @@ class PartStore:
 
     def __init__(self, out: Path, signature: dict, overwrite: bool) -> None:
         self.out, self.dir = Path(out), Path(str(out) + PARTIAL_SUFFIX)
+        signature = json.loads(json.dumps(signature))  # as it reads back from meta.json (tuples become lists)
         if overwrite:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.out.unlink(missing_ok=True)

@@ -56,3 +56,24 @@ def shard_root(tmp_path_factory):
                 "--image-size", "64", "--samples-per-shard", "8", "--no-progress"]
         assert build.main(args) == 0
     return root
+
+
+@pytest.fixture(scope="session")
+def eval_shards(tmp_path_factory):
+    """(raw root, shard root) of mock sdss, decals, hst and ukidss (ukidss with corrupt inputs), 64 px shards."""
+    from eval_cases import make_shard_root
+
+    raw, root = tmp_path_factory.mktemp("eval_raw"), tmp_path_factory.mktemp("eval_shards")
+    make_shard_root(raw, root)
+    return raw, root
+
+
+@pytest.fixture(scope="session")
+def eval_exports(eval_shards, tmp_path_factory):
+    """Exports of an SDSS-only and a triple-mix tiny model (random weights, training's provenance)."""
+    from eval_cases import make_export
+
+    folder = tmp_path_factory.mktemp("eval_exports")
+    root = eval_shards[1]
+    return {"sdss_only": make_export(folder / "sdss_only", root, "sdss=1.0", seed=1),
+            "mixed": make_export(folder / "mixed", root, "sdss=0.33,decals=0.33,hst=0.34", seed=2)}

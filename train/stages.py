@@ -68,7 +68,8 @@ def provenance(cfg: TrainConfig, step: int, val_results: dict | None = None) -> 
         surveys[survey] = {"manifest": str(manifest), "manifest_sha256": sha256_of(manifest) if build else None,
                            "image_size": build.get("image_size"), "image_format": build.get("image_format")}
     summary = {name: {k: v for k, v in res.items() if k != "features"} for name, res in (val_results or {}).items()}
-    return {"stage": cfg.stage, "step": step, "loss": cfg.loss, "mix": {k: float(v) for k, v in mix.items()},
+    # The mix as [survey, share] pairs: JSON objects are written with sorted keys, and the order is the loaders'.
+    return {"stage": cfg.stage, "step": step, "loss": cfg.loss, "mix": [[k, float(v)] for k, v in mix.items()],
             "surveys": surveys, "input": {"image_size": loader.image_size, "mean": list(loader.mean),
                                           "std": list(loader.std)},
             "val_metrics": summary, "config": to_dict(cfg), "git_commit": checkpoint.git_commit()}
