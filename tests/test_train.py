@@ -105,6 +105,14 @@ def test_single_process_tiny_run_logs_checkpoints_and_exports(shard_root, tmp_pa
     with torch.no_grad():
         fractions = model.fractions(model(torch.zeros(2, 3, 56, 56)))
     assert torch.allclose(fractions[:, :3].sum(dim=1), torch.ones(2), atol=1e-5)
+    # What evaluation needs: surveys pinned by manifest hash, the input pipeline, final validation, commit.
+    from sharding.writer import sha256_of
+    provenance = json.loads((out / "export" / "export.json").read_text())["metadata"]
+    assert [s for s, _ in provenance["mix"]] == list(validation[-1]["surveys"])
+    assert provenance["surveys"]["hst"]["manifest_sha256"] == sha256_of(shard_root / "hst" / "manifest.json")
+    assert provenance["input"]["image_size"] == 56 and len(provenance["input"]["mean"]) == 3
+    assert provenance["val_metrics"]["sdss"]["n"] == validation[-1]["surveys"]["sdss"]["n"]
+    assert provenance["step"] == 4 and provenance["config"]["max_steps"] == 4
 
 
 def _kill_after_checkpoint(cmd: list[str], out_dir: Path, tag: str, timeout: float = 240) -> None:
