@@ -12,7 +12,7 @@ import pandas as pd
 
 from eval import metrics as m
 from eval.labels import Predictions, read_labels, read_predictions
-from eval.score import _cell, write_json
+from eval.score import cell, write_json
 
 EXAMPLES = """examples:
   python -m eval compare sdss_only.parquet mixed.parquet --json compare.json
@@ -145,11 +145,11 @@ def format_comparison(result: dict) -> str:
             lines.append(f"  dropped from {label}: {len(names)} ({'; '.join(reasons)})")
     lines.append(f"{'model':<24}{'mean r [95% CI]':<26}{'mean MAE [95% CI]':<26}")
     for label, res in result["models"].items():
-        lines.append(f"{label:<24}{_cell(res['mean']['r'], res['mean']['r_ci']):<26}"
-                     f"{_cell(res['mean']['mae'], res['mean']['mae_ci']):<26}")
+        lines.append(f"{label:<24}{cell(res['mean']['r'], res['mean']['r_ci']):<26}"
+                     f"{cell(res['mean']['mae'], res['mean']['mae_ci']):<26}")
     for pair in result["pairs"]:
-        lines.append(f"{pair['a']} - {pair['b']}: r {_cell(pair['r']['diff'], pair['r']['ci'])}, "
-                     f"MAE {_cell(pair['mae']['diff'], pair['mae']['ci'])}")
+        lines.append(f"{pair['a']} - {pair['b']}: r {cell(pair['r']['diff'], pair['r']['ci'])}, "
+                     f"MAE {cell(pair['mae']['diff'], pair['mae']['ci'])}")
     return "\n".join(lines)
 
 

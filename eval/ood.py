@@ -12,7 +12,7 @@ import numpy as np
 from eval import metrics as m, source as sources
 from eval.compare import common_features
 from eval.labels import align, read_labels, read_predictions
-from eval.score import _cell, write_json
+from eval.score import cell, write_json
 from sharding.config import load_config
 
 EXAMPLES = """examples:
@@ -197,15 +197,15 @@ def format_study(result: dict) -> str:
              f"{'run':<16}{'trained on':<22}{'ID r (test)':<24}{'held-out r':<24}{'R^2':<8}{'MAE':<8}{'drop':<24}"]
     for name, run in result["runs"].items():
         mean, ind = run["mean"], run["in_distribution"]["pooled"]["mean"]
-        lines.append(f"{name:<16}{'+'.join(run['training_surveys']):<22}{_cell(ind['r'], ind['r_ci']):<24}"
-                     f"{_cell(mean['r'], mean['r_ci']):<24}{_cell(mean['r2']):<8}{_cell(mean['mae']):<8}"
-                     f"{_cell(run['drop']['r'], run['drop']['r_ci']):<24}")
+        lines.append(f"{name:<16}{'+'.join(run['training_surveys']):<22}{cell(ind['r'], ind['r_ci']):<24}"
+                     f"{cell(mean['r'], mean['r_ci']):<24}{cell(mean['r2']):<8}{cell(mean['mae']):<8}"
+                     f"{cell(run['drop']['r'], run['drop']['r_ci']):<24}")
     for pair in result["pairs"]:
-        lines.append(f"{pair['a']} - {pair['b']} on {result['held_out']}: r {_cell(pair['r']['diff'], pair['r']['ci'])}"
-                     f" (P(>0) {pair['r']['p_gt0']:.2f}), MAE {_cell(pair['mae']['diff'], pair['mae']['ci'])}")
+        lines.append(f"{pair['a']} - {pair['b']} on {result['held_out']}: r {cell(pair['r']['diff'], pair['r']['ci'])}"
+                     f" (P(>0) {pair['r']['p_gt0']:.2f}), MAE {cell(pair['mae']['diff'], pair['mae']['ci'])}")
         for q in result["questions"]:
             g = pair["groups"][q]["r"]
-            lines.append(f"    {q:<28} {_cell(g['diff'], g['ci'])}")
+            lines.append(f"    {q:<28} {cell(g['diff'], g['ci'])}")
     return "\n".join(lines)
 
 

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from eval import metrics as m, source as sources
 from eval.infer import check_mc, infer, resolve_device
 from eval.labels import read_labels
-from eval.score import _cell, write_json
+from eval.score import cell, write_json
 from loaders.augment import antialias_sigma, gaussian_blur, warp_affine
 from loaders.evaluation import iter_eval_batches
 from loaders.loader import LoaderConfig
@@ -109,7 +110,7 @@ def rendered_scale(manifest: dict, survey: str, native_pixels: int | None) -> fl
     return manifest["survey_meta"]["pixel_scale_arcsec"] * native / manifest["build"]["image_size"]
 
 
-def run(args: argparse.Namespace, log=print) -> dict:
+def run(args: argparse.Namespace, log=tqdm.write, progress: bool = True) -> dict:
     source = sources.open_source(args.model)
     spec = source.input_spec()
     device = resolve_device(args.device)
@@ -130,9 +131,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
               "arcsec_per_px": scale, "shards": args.shards, "kinds": {}, "calibration": None}
     if std is not None:
         result["calibration"] = m.coverage_curve(clean[:, columns], std[:, columns], target, mask)
+    bar = tqdm(total=sum(map(len, SETTINGS.values())), unit="setting", desc="robustness", disable=not progress,
+               dynamic_ncols=True)
     for kind, strengths in SETTINGS.items():
         points = []
         for strength in strengths:
+            bar.update(1)
             _, pred, _ = predict_all(model, cfg, args.survey, args.split, args.max_galaxies, args.batch_size,
                                      perturbation(kind, strength, scale, args.seed))
             table = m.feature_table(pred[:, columns], target, mask, names, num_resamples=args.bootstrap,
@@ -140,9 +144,10 @@ def run(args: argparse.Namespace, log=print) -> dict:
             shift = float(np.mean(np.abs(pred - clean)))
             points.append({"strength": strength, **{k: table["mean"][k] for k in ("r", "r_ci", "mae", "mae_ci")},
                            "shift": shift})
-            log(f"  {kind:<10} {str(strength):>6}: r {_cell(points[-1]['r'], points[-1]['r_ci'])}, "
-                f"MAE {_cell(points[-1]['mae'])}, mean |shift| {shift:.4f}")
+            log(f"  {kind:<10} {str(strength):>6}: r {cell(points[-1]['r'], points[-1]['r_ci'])}, "
+                f"MAE {cell(points[-1]['mae'])}, mean |shift| {shift:.4f}")
         result["kinds"][kind] = points
+    bar.close()
     return result
 
 

@@ -104,7 +104,7 @@ def score(path: str | Path, shards: str | Path | None = None, bootstrap: int = 1
     return result
 
 
-def _cell(value: float, ci: list[float] | None = None) -> str:
+def cell(value: float, ci: list[float] | None = None) -> str:
     if not np.isfinite(value):
         return "-"
     if ci and all(np.isfinite(ci)):
@@ -117,19 +117,19 @@ def format_table(result: dict) -> str:
     for survey, res in result["surveys"].items():
         mean = res["mean"]
         lines += [f"\n{survey}: {res['n']} galaxies, mean over {mean['num_features']} features: r "
-                  f"{_cell(mean['r'], mean['r_ci'])}, R^2 {_cell(mean['r2'], mean['r2_ci'])}, MAE "
-                  f"{_cell(mean['mae'], mean['mae_ci'])}, ceiling r {_cell(mean['ceiling_r'])}, "
-                  f"Dirichlet NLL {_cell(res['nll'])}",
+                  f"{cell(mean['r'], mean['r_ci'])}, R^2 {cell(mean['r2'], mean['r2_ci'])}, MAE "
+                  f"{cell(mean['mae'], mean['mae_ci'])}, ceiling r {cell(mean['ceiling_r'])}, "
+                  f"Dirichlet NLL {cell(res['nll'])}",
                   f"{'feature':<34}{'n':>6}  {'r [95% CI]':<24}{'rho':>7}{'R^2':>8}{'MAE':>7}{'ceiling':>9}"]
         for name, row in res["features"].items():
             if row["n"] == 0:
                 continue
-            lines.append(f"{name:<34}{row['n']:>6}  {_cell(row['r'], row['r_ci']):<24}{_cell(row['spearman']):>7}"
-                         f"{_cell(row['r2']):>8}{_cell(row['mae']):>7}{_cell(row['ceiling_r']):>9}")
+            lines.append(f"{name:<34}{row['n']:>6}  {cell(row['r'], row['r_ci']):<24}{cell(row['spearman']):>7}"
+                         f"{cell(row['r2']):>8}{cell(row['mae']):>7}{cell(row['ceiling_r']):>9}")
         if res["questions"]:
             lines.append(f"{'question':<34}{'NLL':>8}{'confident acc':>15}{'n conf':>8}")
             for q, row in res["questions"].items():
-                lines.append(f"{q:<34}{_cell(row.get('nll', math.nan)):>8}{_cell(row['accuracy']):>15}"
+                lines.append(f"{q:<34}{cell(row.get('nll', math.nan)):>8}{cell(row['accuracy']):>15}"
                              f"{row['n_confident']:>8}")
     return "\n".join(lines)
 

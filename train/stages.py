@@ -89,3 +89,16 @@ def export(run: Run, state_dict: dict[str, torch.Tensor], val_results: dict | No
                          metadata=provenance(run.cfg, run.step, val_results))
     run.log.event({"event": "export", "step": run.step, "path": str(folder)})
     return folder
+
+
+def initial_export(cfg: TrainConfig, schema: FeatureSchema, folder: Path) -> Path:
+    """The run's weights before its first step (seeded as `python -m train` seeds them), exported with step 0.
+
+    The untrained baseline of a study: the same model, inputs and provenance, so evaluation can show what
+    training added, with intervals, on the same galaxies.
+    """
+    torch.manual_seed(cfg.seed)
+    model, _ = build(cfg, schema)
+    if is_lora(model):
+        model = merge_lora(model)
+    return save_export(model, folder, metadata=provenance(cfg, step=0))
