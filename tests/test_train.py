@@ -208,3 +208,25 @@ def test_layer_decay_param_groups():
     decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     assert decay[id(named["head.0.bias"])] == 0.0 and decay[id(named["head.0.weight"])] > 0
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+
+
+def test_head_stage_on_a_local_pretrained_folder_keeps_its_backbone(shard_root, tmp_path):
+    """The real-weights path: a save_pretrained folder (here a saved random model) is loaded, frozen, exported."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import Dinov2Model
+
+    from models.backbone import dinov2_config
+    from models.config import load_model_config
+
+    torch.manual_seed(5)
+    source = Dinov2Model(dinov2_config(load_model_config("tiny").backbone))
+    source.save_pretrained(tmp_path / "dinov2-tiny")
+    out = tmp_path / "run"
+    _run(_command(1, out, 2, _overrides(shard_root, stage="head")
+                  + [f"model_overrides=[pretrained={tmp_path / 'dinov2-tiny'}]"]))
+    exported = load_file(out / "export" / "model.safetensors")
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(exported[f"backbone.{name}"], tensor), name
+    meta = json.loads((out / "export" / "export.json").read_text())
+    assert meta["pretrained_source"] == str(tmp_path / "dinov2-tiny") and meta["model"]["pretrained"] is None
