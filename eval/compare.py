@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pandas as pd
 
 from eval import metrics as m
 from eval.labels import Predictions, read_labels, read_predictions
-from eval.score import cell, write_json
+from eval.score import cell, emit
 
 EXAMPLES = """examples:
   python -m eval compare sdss_only.parquet mixed.parquet --json compare.json
@@ -160,13 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.json == "-":
-        print(json.dumps(result, indent=2))
-        return 0
-    print(format_comparison(result))
-    if args.json:
-        write_json(result, args.json)
-        print(f"wrote {args.json}")
+    emit(result, args.json, format_comparison(result))
     return 0
 
 

@@ -140,6 +140,17 @@ def write_json(result: dict, target: str | None) -> None:
         Path(target).write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
 
 
+def emit(result: dict, target: str | None, table: str) -> None:
+    """`--json -`: the JSON alone on stdout; otherwise the table, and the JSON file when one is named."""
+    if target == "-":
+        print(json.dumps(result, indent=2))
+        return
+    print(table)
+    if target:
+        write_json(result, target)
+        print(f"\nwrote {target}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet = args.json == "-"
@@ -149,13 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if quiet:
-        print(json.dumps(result, indent=2))
-        return 0
-    print(format_table(result))
-    if args.json:
-        write_json(result, args.json)
-        print(f"\nwrote {args.json}")
+    emit(result, args.json, format_table(result))
     return 0
 
 
