@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import ctypes
 import multiprocessing
+import shutil
 import sys
 import time
 from collections import Counter
@@ -15,7 +16,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from sharding import images, progress, render
+from sharding import images, parts, progress, render
 from sharding.catalog import Reject, check_columns, load_labels, parse_splits, read_catalog
 from sharding.config import to_dict
 from sharding.registry import SurveyConfig, list_surveys, load_survey
@@ -55,6 +56,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="delete this survey's previous output first")
     parser.add_argument("--strict", action="store_true", help="exit non-zero if any input was rejected")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--part", metavar="I/N",
+                       help="render only the I-th of N slices of every split into <out>/<survey>/_parts/ (e.g. one "
+                            "array task per node); the last part to finish merges, or run --merge")
+    group.add_argument("--merge", action="store_true",
+                       help="pack the finished parts into the survey's shards, labels, rejects and manifest: "
+                            "byte-identical to a one-process build")
     return parser.parse_args(argv)
 
 
@@ -128,6 +136,12 @@ def _renderer(params: dict, workers: int):
         return
     with multiprocessing.get_context("fork").Pool(workers, _init_worker, (params,)) as pool:
         yield lambda tasks: pool.imap(_process, tasks, chunksize=min(16, max(1, len(tasks) // (workers * 8))))
+
+
+@contextlib.contextmanager
+def _part_reader(survey_dir: Path):
+    """A merge's rendering step: read back from the finished parts (checked only when there is work to do)."""
+    yield parts.PartReader(parts.all_parts(survey_dir))
 
 
 def write_split(out_dir: Path, survey: str, split: str, labels: pd.DataFrame, params: dict,
@@ -207,25 +221,48 @@ def run(args: argparse.Namespace) -> int:
     df = read_catalog(catalog)
     check_columns(df.columns, survey, catalog)
     params = build_params(args, survey, catalog, images_dir)
-    out_dir = Path(args.out) / survey.name
+    survey_dir = Path(args.out) / survey.name
     labels, catalog_rejects = load_labels(df, survey, schema, params["splits"])
-    states = progress.prepare(out_dir, params, args.overwrite)
-    if states is None:
+    if args.part:
+        index, count = parts.parse_part(args.part)
+        out_dir = parts.part_dir(survey_dir, index, count)
+        labels = parts.part_rows(labels, list(params["splits"]), index, count)
+        params, catalog_rejects = {**params, "part": [index, count]}, []  # the merge reports catalog rejects
+    else:
+        out_dir = survey_dir
+    render = _part_reader(survey_dir) if args.merge else _renderer(params, args.workers)
+    built = build_dir(out_dir, survey, schema, params, labels, catalog_rejects, args, render)
+    if built is None:
         print(f"{survey.name}: already built in {out_dir} with these arguments; nothing to do "
               "(use --overwrite to rebuild).")
         return _exit_code(args, out_dir)
+    manifest, seconds = built, time.perf_counter() - started
+    print_summary(manifest, pd.read_parquet(out_dir / "rejects.parquet"), seconds, out_dir)
+    if args.merge:
+        shutil.rmtree(survey_dir / parts.PARTS_DIR, ignore_errors=True)
+    elif args.part and len(parts.finished_parts(survey_dir)) == count and parts.try_lock(survey_dir):
+        print(f"\nall {count} parts of {survey.name} are done: merging", flush=True)
+        return run(argparse.Namespace(**{**vars(args), "part": None, "merge": True, "overwrite": False}))
+    return _exit_code(args, out_dir)
+
+
+def build_dir(out_dir: Path, survey: SurveyConfig, schema: FeatureSchema, params: dict, labels: pd.DataFrame,
+              catalog_rejects: list[Reject], args: argparse.Namespace, render) -> dict | None:
+    """Render (or read back from parts) and pack every split into out_dir, resuming; None if already built."""
+    states = progress.prepare(out_dir, params, args.overwrite)
+    if states is None:
+        return None
     remaining = sum(max(0, int((labels["split"] == s).sum()) - states[s].next_position) for s in states)
     with progress.ProgressLog(out_dir) as log, tqdm(total=remaining, unit="gal", desc=f"{survey.name} shards",
                                                     disable=args.no_progress, mininterval=0.5) as bar, \
-            _renderer(params, args.workers) as render_all:
+            render as render_all:
         for split, state in states.items():
             if not state.done:
                 write_split(out_dir, survey.name, split, labels, params, state, log, render_all, bar)
     states = progress.load_states(out_dir, params)
     manifest = finalize(out_dir, survey, schema, params, labels, catalog_rejects, states)
     progress.cleanup(out_dir)
-    print_summary(manifest, pd.read_parquet(out_dir / "rejects.parquet"), time.perf_counter() - started, out_dir)
-    return _exit_code(args, out_dir)
+    return manifest
 
 
 def _exit_code(args: argparse.Namespace, out_dir: Path) -> int:

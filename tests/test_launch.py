@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from launch.__main__ import main as launch_main
-from launch.slurm import expand_nodelist, sbatch_script, torch_env_from_slurm
+from launch.slurm import JobSpec, batch_script, expand_nodelist, torch_env_from_slurm
 from sharding.config import CONFIG_ROOT
 from train.world import free_port, world_from_env
 
@@ -20,6 +20,11 @@ def test_expand_nodelist():
     assert expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
     assert expand_nodelist("nid[001000-001001]") == ["nid001000", "nid001001"]
     assert expand_nodelist("localhost") == ["localhost"]
+    assert expand_nodelist("gpu[01-02]-ib") == ["gpu01-ib", "gpu02-ib"]  # a suffix after the range is real
+    assert expand_nodelist("r[1-2]n[3,5],x1") == ["r1n3", "r1n5", "r2n3", "r2n5", "x1"]
+    for bad in ("gpu[01-02", "gpu[a-b]", ""):
+        with pytest.raises(ValueError):
+            expand_nodelist(bad)
 
 
 def test_slurm_to_torch_env_and_world():
@@ -34,14 +39,54 @@ def test_slurm_to_torch_env_and_world():
         torch_env_from_slurm({})
 
 
-def test_sbatch_script_requeues_and_resumes(tmp_path, capsys):
-    script = sbatch_script(job_name="j", nodes=4, gpus_per_node=4, cpus_per_task=8, time="1:00:00",
-                           train_args=["--config", "c.yaml"], partition="gpu")
-    assert "#SBATCH --nodes=4" in script and "#SBATCH --ntasks-per-node=4" in script
-    assert "#SBATCH --signal=USR1@300" in script and "--requeue" in script and "--partition=gpu" in script
+GOLDEN = Path(__file__).parent / "golden"
+PY = "/opt/venv/bin/python"
+
+
+@pytest.mark.parametrize("name, spec, args, out_dir", [
+    ("gpu_1node.sbatch", JobSpec(job_name="head", nodes=1, gpus_per_node=4, cpus_per_task=32, time="12:00:00",
+                                 account="m1234", constraint="gpu"),
+     ["--resume", "auto", "--config", "configs/train/head.yaml"], "runs/head_triple"),
+    ("gpu_8nodes.sbatch", JobSpec(job_name="full", nodes=8, gpus_per_node=4, cpus_per_task=32, time="2-00:00:00",
+                                  account="m1234", qos="regular", constraint="gpu&hbm80g"),
+     ["--resume", "auto", "--config", "configs/train/full.yaml", "optim.lr=5e-5"], "runs/full_triple"),
+    ("cpu_2nodes.sbatch", JobSpec(job_name="cpu", nodes=2, gpus_per_node=0, ntasks_per_node=4, cpus_per_task=8,
+                                  time="4:00:00", partition="cpu"),
+     ["--resume", "auto", "--config", "configs/train/tiny.yaml"], "runs/tiny"),
+])
+def test_batch_scripts_match_the_golden_files(name, spec, args, out_dir):
+    assert batch_script(spec, PY, "train", args, out_dir) == (GOLDEN / name).read_text()
+
+
+def test_sbatch_dry_run_writes_the_script_the_cli_describes(tmp_path, capsys):
     path = tmp_path / "job.sbatch"
-    assert launch_main(["sbatch", "--dry-run", "--script", str(path), "--", "--config", "c.yaml"]) == 0
-    assert "-m launch srun -- --resume auto --config c.yaml" in path.read_text()
+    assert launch_main(["sbatch", "--dry-run", "--nodes", "8", "--account", "m1234", "--time", "12:00:00",
+                        "--log-dir", str(tmp_path / "logs"), "--script", str(path), "--", "--config",
+                        str(CONFIG_ROOT / "train" / "head.yaml")]) == 0
+    script = path.read_text()
+    assert script == batch_script(JobSpec(nodes=8, account="m1234", time="12:00:00", constraint="gpu",
+                                          log_dir=str(tmp_path / "logs")), sys.executable, "train",
+                                  ["--resume", "auto", "--config", str(CONFIG_ROOT / "train" / "head.yaml")],
+                                  "runs/head_triple")
+    assert "#SBATCH --gpus-per-node=4" in script and "#SBATCH --ntasks-per-node=4" in script
+    assert not (tmp_path / "logs").exists()  # a dry run creates nothing but the script
+    assert launch_main(["sbatch", "--dry-run", "--gpus-per-node", "0", "--ntasks-per-node", "3", "--script",
+                        str(path), "--", "--config", str(CONFIG_ROOT / "train" / "tiny.yaml")]) == 0
+    cpu = path.read_text()
+    assert "gpus" not in cpu and "constraint" not in cpu and "#SBATCH --ntasks-per-node=3" in cpu
+    assert launch_main(["sbatch", "--dry-run", "--entry", "eval", "--gpus-per-node", "1", "--script", str(path),
+                        "--", "predict", "--model", "runs/x"]) == 0
+    evaluation = path.read_text()
+    assert "-m eval predict --model runs/x" in evaluation and "requeue" not in evaluation
+
+
+@pytest.mark.parametrize("flag, value", [("--job-name", "evil\nrm -rf /"), ("--job-name", "a b"),
+                                         ("--partition", "gpu;ls"), ("--account", "$(id)"), ("--time", "tomorrow"),
+                                         ("--constraint", "gpu\n#SBATCH --x"), ("--log-dir", "my logs")])
+def test_values_that_could_leave_their_directive_are_refused(flag, value, tmp_path, capsys):
+    assert launch_main(["sbatch", "--dry-run", flag, value, "--script", str(tmp_path / "j.sbatch"), "--",
+                        "--config", str(CONFIG_ROOT / "train" / "tiny.yaml")]) == 2
+    assert flag in capsys.readouterr().err and not (tmp_path / "j.sbatch").exists()
 
 
 def test_torchrun_dry_run(capsys):
