@@ -135,6 +135,8 @@ class ShardPacker:
     def abandon(self) -> None:
         """Drop a partly written shard (its samples will be redone on resume)."""
         if self._writer is not None:
+            # Finish the tar stream into the doomed temporary file, or tarfile writes to a closed file when collected.
+            self._writer.close()
             self._file.close()
             self._writer = None
             self._keys = []
