@@ -29,7 +29,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _active_dropout(module: nn.Module) -> bool:
+def has_dropout(module: nn.Module) -> bool:
     if any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules()):
         return True
     return any(getattr(m, "drop_prob", 0.0) > 0 for m in module.modules())  # DINOv2's stochastic depth
@@ -38,7 +38,7 @@ def _active_dropout(module: nn.Module) -> bool:
 def check_mc(model: MorphologyModel, mc_samples: int) -> None:
     if mc_samples < 0:
         raise ValueError(f"--mc-samples must be >= 0, got {mc_samples}")
-    if mc_samples and not _active_dropout(model):
+    if mc_samples and not has_dropout(model):
         raise ValueError("--mc-samples needs dropout in the model (head.dropout or the backbone's dropout), and this "
                          "model has none; MC dropout would give zero spread")
 
@@ -64,7 +64,7 @@ def infer(model: MorphologyModel, images: torch.Tensor, mc_samples: int = 0, see
     out = Outputs(fractions(raw, model.layout).float().cpu().numpy(),
                   question_concentration(raw.float(), model).float().cpu().numpy(), pooled.float().cpu().numpy())
     if mc_samples:
-        backbone_dropout = _active_dropout(model.backbone)
+        backbone_dropout = has_dropout(model.backbone)
         samples = []
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)

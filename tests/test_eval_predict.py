@@ -173,3 +173,18 @@ def test_metrics_join_by_key_and_match_scipy(eval_shards, eval_exports, tmp_path
     capsys.readouterr()
     assert score.main([str(tmp_path / "stray.parquet"), "--shards", str(root), "--bootstrap", "0"]) == 0
     assert "5 of" in capsys.readouterr().out
+
+
+def test_embeddings_append_across_predictions_and_refuse_duplicates(eval_shards, eval_exports, tmp_path, capsys):
+    _, root = eval_shards
+    store = str(tmp_path / "e.zarr")
+    for survey in ("sdss", "hst"):
+        assert _predict(eval_exports["mixed"], root, tmp_path / f"{survey}.parquet", "--surveys", survey,
+                        "--embeddings", store, "--embeddings-dtype", "float32") == 0
+    vectors, keys, attrs = open_embeddings(store)
+    expected = [k for s in ("sdss", "hst") for k in pd.read_parquet(tmp_path / f"{s}.parquet")["key"]]
+    assert keys == expected and vectors.dtype == np.float32 and len(attrs["runs"]) == 2
+    assert _predict(eval_exports["mixed"], root, tmp_path / "again.parquet", "--surveys", "sdss",
+                    "--embeddings", store, "--embeddings-dtype", "float32") == 2
+    assert "already holds" in capsys.readouterr().err
+    assert open_embeddings(store)[1] == expected  # nothing was added by the refused run
