@@ -77,3 +77,17 @@ def eval_exports(eval_shards, tmp_path_factory):
     root = eval_shards[1]
     return {"sdss_only": make_export(folder / "sdss_only", root, "sdss=1.0", seed=1),
             "mixed": make_export(folder / "mixed", root, "sdss=0.33,decals=0.33,hst=0.34", seed=2)}
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A private 2-node SLURM cluster (munge, slurmctld, two slurmd) on this machine; skipped where it cannot run."""
+    from slurm_cluster import Cluster, unavailable
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    cluster = Cluster(tmp_path_factory.mktemp("slurm"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
