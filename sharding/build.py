@@ -70,13 +70,16 @@ def build_params(args: argparse.Namespace, survey: SurveyConfig, catalog: Path, 
     """Everything that decides the bytes of the output; a resume must match it exactly."""
     if not 1 <= args.jpeg_quality <= 100:
         raise ValueError(f"--jpeg-quality must be in 1..100, got {args.jpeg_quality}")
+    pattern = args.image_pattern or survey.image_pattern
+    if ".." in Path(pattern).parts:
+        raise ValueError(f"--image-pattern {pattern!r} leaves the images folder ('..'); name files inside --images")
     size = args.image_size or survey.image_size
     per_shard = args.samples_per_shard or survey.samples_per_shard
     if size < 16 or per_shard < 1:
         raise ValueError("--image-size must be >= 16 and --samples-per-shard >= 1")
     return {
         "catalog": str(catalog), "catalog_sha256": sha256_of(catalog), "images": str(images_dir),
-        "image_pattern": args.image_pattern or survey.image_pattern, "image_size": size,
+        "image_pattern": pattern, "image_size": size,
         "image_format": args.image_format, "jpeg_quality": args.jpeg_quality, "jpeg_chroma": args.jpeg_chroma,
         "keep_float": args.keep_float,
         "samples_per_shard": per_shard, "splits": parse_splits(args.splits), "survey": to_dict(survey),
@@ -136,6 +139,23 @@ def _renderer(params: dict, workers: int):
         return
     with multiprocessing.get_context("fork").Pool(workers, _init_worker, (params,)) as pool:
         yield lambda tasks: pool.imap(_process, tasks, chunksize=min(16, max(1, len(tasks) // (workers * 8))))
+
+
+PROBE_ROWS, PROBE_MIN = 50, 10
+
+
+def _diagnosis(params: dict, survey: SurveyConfig, object_ids: list[str]) -> str:
+    return images.diagnose_missing(Path(params["images"]), params["image_pattern"], object_ids, survey.bands)
+
+
+def check_images_found(labels: pd.DataFrame, params: dict, survey: SurveyConfig) -> None:
+    """Fail before rendering anything when none of the first galaxies has an image (a wrong pattern or folder)."""
+    probe = labels.head(PROBE_ROWS)
+    locs = probe["file_loc"] if "file_loc" in probe.columns else [None] * len(probe)
+    found = sum(images.image_found(Path(params["images"]), params["image_pattern"], oid, survey.bands, loc)
+                for oid, loc in zip(probe["object_id"], locs))
+    if len(probe) >= PROBE_MIN and not found:  # a few missing files are rejects; all of the first 50 is a mistake
+        raise ValueError(_diagnosis(params, survey, probe["object_id"].tolist()))
 
 
 @contextlib.contextmanager
@@ -223,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
     params = build_params(args, survey, catalog, images_dir)
     survey_dir = Path(args.out) / survey.name
     labels, catalog_rejects = load_labels(df, survey, schema, params["splits"])
+    if not args.merge:
+        check_images_found(labels, params, survey)  # on the whole catalog: a part may hold a handful of rows
     if args.part:
         index, count = parts.parse_part(args.part)
         out_dir = parts.part_dir(survey_dir, index, count)
@@ -237,7 +259,15 @@ def run(args: argparse.Namespace) -> int:
               "(use --overwrite to rebuild).")
         return _exit_code(args, out_dir)
     manifest, seconds = built, time.perf_counter() - started
-    print_summary(manifest, pd.read_parquet(out_dir / "rejects.parquet"), seconds, out_dir)
+    rejects = pd.read_parquet(out_dir / "rejects.parquet")
+    print_summary(manifest, rejects, seconds, out_dir)
+    missing = rejects.loc[rejects["reason"] == "missing-file", "object_id"].tolist()
+    if missing and len(missing) > manifest["num_samples"]:
+        print(f"warning: most images were not found. {_diagnosis(params, survey, missing[:50])}", file=sys.stderr)
+    if manifest["num_samples"] == 0 and not args.part:  # a part may hold no galaxies of a small catalog
+        print(f"error: nothing was sharded for {survey.name}: every input was rejected (see {out_dir / 'rejects.parquet'})",
+              file=sys.stderr)
+        return 1
     if args.merge:
         shutil.rmtree(survey_dir / parts.PARTS_DIR, ignore_errors=True)
     elif args.part and len(parts.finished_parts(survey_dir)) == count and parts.try_lock(survey_dir):

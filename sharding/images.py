@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,7 @@ FILL_PASSES = 3  # NaN holes are filled from finite neighbours this many pixels 
 PLAIN_FLOAT_BITPIX = {-32: ">f4", -64: ">f8"}  # FITS stores big-endian IEEE floats
 FITS_BLOCK = 2880  # FITS headers and data start on 2880-byte record boundaries
 # astropy and PIL report corrupt or truncated files in all of these ways.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _UNREADABLE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, TypeError, IndexError, KeyError, MemoryError,
                       Image.DecompressionBombError)
 
@@ -26,7 +28,9 @@ class ImageError(ValueError):
     """An input image that cannot be used; .reason is a short machine-friendly tag, str() a message naming the file."""
 
     def __init__(self, reason: str, message: str):
-        super().__init__(message)
+        # Library messages can name an in-memory object ('<_io.BytesIO object at 0x7f...>'): the address would
+        # make two builds of the same inputs write different rejects tables.
+        super().__init__(_ADDRESS.sub("", message))
         self.reason = reason
 
     def __reduce__(self):  # worker processes send these back through pickle
@@ -44,6 +48,10 @@ def locate_images(images_dir: Path, pattern: str, object_id: str, bands: list[st
     template = file_loc.strip() if isinstance(file_loc, str) and file_loc.strip() else pattern
     template = template.replace("{id}", str(object_id))
     names = [template.replace("{band}", band) for band in bands] if "{band}" in template else [template]
+    if not Path(template).is_absolute() and ".." in Path(template).parts:
+        # Absolute file_loc values (Zoobot-style catalogs) are the catalog's choice; a relative one stays inside.
+        raise ImageError("bad-path", f"image path {template!r} for object {object_id!r} leaves the images folder "
+                                     f"{images_dir} ('..'); give a path inside it, or an absolute one")
     found: list[Path] = []
     missing: list[str] = []
     for name in names:
@@ -255,3 +263,52 @@ def _fill_nan(band: np.ndarray, fallback: float) -> None:
 def _warning_notes(caught: list) -> str:
     """'; message' per distinct warning (astropy repeats its truncation warning once per access)."""
     return "".join(f"; {message}" for message in dict.fromkeys(str(w.message) for w in caught))
+
+
+def _as_template(name: str, object_id: str, bands: list[str]) -> str:
+    template = name.replace(object_id, "{id}")
+    for band in sorted(bands, key=len, reverse=True):
+        template = re.sub(rf"(?<![A-Za-z0-9]){re.escape(band)}(?![A-Za-z0-9])", "{band}", template, count=1)
+    return template
+
+
+def diagnose_missing(images_dir: Path, pattern: str, object_ids: list[str], bands: list[str],
+                     max_files: int = 20000) -> str:
+    """Why these objects' images are not found, with the --image-pattern that would find them where one does."""
+    images_dir = Path(images_dir)
+    files = []
+    for path in sorted(images_dir.rglob("*")) if images_dir.is_dir() else []:
+        if path.is_file():
+            files.append(path.relative_to(images_dir).as_posix())
+            if len(files) >= max_files:
+                break
+    tried = pattern.replace("{id}", object_ids[0]).replace("{band}", bands[0]) if object_ids else pattern
+    lines = [f"none of the first {len(object_ids)} galaxies has an image under {images_dir} with the pattern "
+             f"{pattern!r} (e.g. {images_dir / tried} does not exist)."]
+    if not files:
+        return " ".join(lines + [f"The folder {'is empty' if images_dir.is_dir() else 'does not exist'}."])
+    candidates: dict[str, int] = {}
+    for oid in object_ids:
+        found = {_as_template(f, oid, bands) for f in files if oid and oid in Path(f).name}
+        for template in found:
+            candidates[template] = candidates.get(template, 0) + 1
+    lines.append(f"It holds {len(files)}{'+' if len(files) >= max_files else ''} files such as "
+                 f"{', '.join(files[:3])}.")
+    for template, _ in sorted(candidates.items(), key=lambda kv: (-kv[1], kv[0])):
+        hits = sum(image_found(images_dir, template, oid, bands) for oid in object_ids)
+        if hits:
+            lines.append(f"--image-pattern {template!r} finds {hits} of these {len(object_ids)}: pass it (or set "
+                         f"image_pattern in the survey YAML, or give the catalog a file_loc column).")
+            break
+    else:
+        lines.append("No file name contains these object ids: check --images, the id column, or add a file_loc "
+                     "column to the catalog.")
+    return " ".join(lines)
+
+
+def image_found(images_dir: Path, pattern: str, object_id: str, bands: list[str], file_loc: str | None = None) -> bool:
+    try:
+        locate_images(images_dir, pattern, object_id, bands, file_loc)
+        return True
+    except ImageError:
+        return False

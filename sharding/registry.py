@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -74,6 +75,9 @@ class SurveyConfig:
 
 def validate_survey(survey: SurveyConfig, schema: FeatureSchema, source: str) -> None:
     """Check a survey's mapping against the feature schema; features it omits are absent (NaN)."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", survey.name):
+        raise ValueError(f"{source}: survey name {survey.name!r} must be a plain identifier (lower-case letters, "
+                         "digits, '_' and '-'): it names folders, shard files and sample keys")
     unknown = sorted(set(survey.features) - set(schema.names))
     if unknown:
         raise ValueError(f"{source}: features {unknown} are not in the {schema.name} schema "
