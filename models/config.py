@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from sharding.config import CONFIG_ROOT, load_config
+from sharding.config import CONFIG_ROOT, config_file, load_config
 
 MODEL_CONFIG_ROOT = CONFIG_ROOT / "models"
 
@@ -101,7 +101,7 @@ def model_config_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.parent != Path("."):
         return path
-    return MODEL_CONFIG_ROOT / f"{name_or_path}.yaml"
+    return config_file("models", str(name_or_path))
 
 
 def load_model_config(name_or_path: str | Path, overrides: list[str] | None = None) -> ModelConfig:

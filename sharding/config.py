@@ -13,7 +13,39 @@ import yaml
 T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_ROOT = REPO_ROOT / "configs"
+USER_CONFIG_DIR = Path("configs")  # a ./configs/ in the working directory overlays the built-in ones by name
+
+
+def _builtin_configs() -> Path:
+    """The built-in configs: the installed sommelier_configs package, or configs/ of a source checkout."""
+    try:
+        from importlib.resources import files
+        return Path(str(files("sommelier_configs")))
+    except ModuleNotFoundError:
+        return REPO_ROOT / "configs"
+
+
+CONFIG_ROOT = _builtin_configs()
+
+
+def config_file(kind: str, name_or_path: str | Path) -> Path:
+    """A config by path, or by bare name (`tiny`, `sdss`, `cpu.yaml`): ./configs/<kind>/ first, then built-in."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.parent != Path("."):
+        # configs/<kind>/x.yaml written relative to a source checkout still means the built-in x.yaml elsewhere.
+        return config_file(kind, path.name) if path.parts[-3:-1] == ("configs", kind) else path
+    name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+    for root in (USER_CONFIG_DIR, CONFIG_ROOT):
+        if (root / kind / name).is_file():
+            return root / kind / name
+    return CONFIG_ROOT / kind / name
+
+
+def config_names(kind: str) -> list[str]:
+    """Bare names of every config of a kind, built-in and user overlays."""
+    return sorted({p.stem for root in (USER_CONFIG_DIR, CONFIG_ROOT) for p in (root / kind).glob("*.yaml")})
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from sharding.config import CONFIG_ROOT, from_dict, merge, parse_overrides, read_yaml
+from sharding.config import CONFIG_ROOT, config_file, config_names, from_dict, merge, parse_overrides, read_yaml
 from sharding.schema import FeatureSchema, load_schema
 
 SURVEY_DIR = CONFIG_ROOT / "surveys"
@@ -100,11 +100,11 @@ def validate_survey(survey: SurveyConfig, schema: FeatureSchema, source: str) ->
 
 
 def survey_path(name_or_path: str | Path) -> Path:
-    """A survey name (`hst`) resolves to configs/surveys/hst.yaml; a path is taken as is."""
+    """A survey name (`hst`) resolves to configs/surveys/hst.yaml (./configs/ first); a path is taken as is."""
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml"):
         return candidate
-    path = SURVEY_DIR / f"{name_or_path}.yaml"
+    path = config_file("surveys", str(name_or_path))
     if not path.is_file():
         raise ValueError(f"unknown survey {str(name_or_path)!r}: no {path}. Known surveys: {list_surveys()}. "
                          "Add a survey by adding one YAML there.")
@@ -122,4 +122,4 @@ def load_survey(name_or_path: str | Path, overrides: list[str] | None = None,
 
 
 def list_surveys() -> list[str]:
-    return sorted(p.stem for p in SURVEY_DIR.glob("*.yaml"))
+    return config_names("surveys")

@@ -9,7 +9,7 @@ from typing import Literal
 from loaders.loader import LoaderConfig
 from models.config import LoraSettings
 from loaders.sampler import MixConfig
-from sharding.config import CONFIG_ROOT, from_dict, merge, parse_overrides, read_yaml
+from sharding.config import config_file, from_dict, merge, parse_overrides, read_yaml
 
 
 @dataclass(frozen=True)
@@ -74,11 +74,11 @@ class TrainConfig:
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """A run YAML (configs/train/*.yaml may `base:` another) plus dotted overrides."""
-    path = Path(path)
+    path = config_file("train", path)  # a path, or a bare name such as `cpu` for configs/train/cpu.yaml
     data = read_yaml(path)
     base = data.pop("base", None)
     if base is not None:
-        base_path = Path(base) if Path(base).is_file() else CONFIG_ROOT / "train" / base
+        base_path = Path(base) if Path(base).is_file() else config_file("train", base)
         data = merge(read_yaml(base_path), data)
     data = merge(data, parse_overrides(overrides))
     return from_dict(TrainConfig, data, where=str(path))
