@@ -17,7 +17,10 @@ RATIO_SUM_TOLERANCE = 1e-6
 
 
 def check_ratios(ratios: Mapping[str, float]) -> dict[str, float]:
-    """Validate survey ratios (non-empty, positive, finite, summing to 1 within 1e-6); return them as floats."""
+    """Validate survey weights (non-empty, positive, finite) and return them normalised to shares summing to 1.
+
+    Any positive weights work: 'sdss=33,decals=33,hst=34', '1,1,1' style or shares that already sum to 1.
+    """
     if not ratios:
         raise ValueError("ratios: at least one survey is needed, e.g. 'sdss=0.5,decals=0.5'")
     out = {}
@@ -31,10 +34,14 @@ def check_ratios(ratios: Mapping[str, float]) -> dict[str, float]:
                              "(leave a survey out of the mix instead of giving it 0)")
         out[name] = float(value)
     total = math.fsum(out.values())
-    if abs(total - 1.0) > RATIO_SUM_TOLERANCE:
-        raise ValueError(f"ratios: shares must sum to 1 (within {RATIO_SUM_TOLERANCE:g}), got {total!r} "
-                         f"for {out}; e.g. 'sdss=0.33,decals=0.33,hst=0.34'")
-    return out
+    if abs(total - 1.0) <= RATIO_SUM_TOLERANCE:
+        return out  # already shares: kept exactly as written
+    return {name: value / total for name, value in out.items()}
+
+
+def format_shares(ratios: Mapping[str, float]) -> str:
+    """'sdss 0.330, decals 0.330, hst 0.340': the normalised shares a run uses, for logs and reports."""
+    return ", ".join(f"{name} {value:.3f}" for name, value in ratios.items())
 
 
 def parse_ratios(text: str) -> dict[str, float]:

@@ -92,6 +92,11 @@ def epoch_allocation(shard_counts: ShardCounts, mix: MixConfig) -> np.ndarray:
     batch_size = mix.global_batch_size
     num_batches = _target_batches(available, mix)
     if mix.on_exhausted == "repeat":
+        per_batch = {n: math.ceil(r * batch_size) for n, r in exact_ratios(mix.ratios).items()}
+        small = {n: int(a) for n, a in zip(mix.ratios, available) if a < per_batch[n]}
+        if small:
+            raise ValueError(f"mix: survey(s) {small} have fewer train samples than their share of one global batch "
+                             f"({per_batch}): a galaxy would appear twice in a batch; lower global_batch_size")
         return allocate_batches(mix.ratios, batch_size, num_batches)
     # Drift < 1 means n batches take more than n * B * r - 1 samples of a survey: none lasts past this.
     bound = min(math.floor((int(a) + 1) / (batch_size * r))
@@ -269,12 +274,14 @@ class _Streams(NamedTuple):
     seed: int
     epoch: int
     window: int
+    ratios: dict  # the mix's shares, for the batch allocation at a pass boundary
+    batch_size: int
 
 
 def _streams(shard_counts: ShardCounts, mix: MixConfig, epoch: int) -> _Streams:
     _check_int("epoch", epoch, 0)
-    return _Streams(tuple(mix.ratios), _shard_arrays(shard_counts, mix), mix.seed, epoch,
-                    mix.shuffle_window_shards)
+    return _Streams(tuple(mix.ratios), _shard_arrays(shard_counts, mix), mix.seed, epoch, mix.shuffle_window_shards,
+                    dict(mix.ratios), mix.global_batch_size)
 
 
 def _shard_arrays(shard_counts: ShardCounts, mix: MixConfig) -> list[np.ndarray]:
@@ -333,7 +340,7 @@ def _stream_rows(streams: _Streams, s: int, start: int, stop: int, cache: dict) 
         shard_order, window_starts = _cached(cache, (s, pass_index), lambda: _pass_plan(streams, s, pass_index))
         window = int(np.searchsorted(window_starts, offset, side="right")) - 1
         rows = _cached(cache, (s, pass_index, window),
-                       lambda: _window_rows(streams, s, pass_index, window, shard_order))
+                       lambda: _window_rows(streams, s, pass_index, window, shard_order, window_starts))
         begin = offset - int(window_starts[window])
         take = min(stop - position, len(rows) - begin)
         pieces.append(rows[begin:begin + take])
@@ -348,14 +355,55 @@ def _pass_plan(streams: _Streams, s: int, pass_index: int) -> tuple[np.ndarray, 
     return shard_order, np.concatenate([[0], np.cumsum(window_sizes)])
 
 
-def _window_rows(streams: _Streams, s: int, pass_index: int, window: int,
-                 shard_order: np.ndarray) -> np.ndarray:
+def _window_rows(streams: _Streams, s: int, pass_index: int, window: int, shard_order: np.ndarray,
+                 window_starts: np.ndarray) -> np.ndarray:
+    rows = _shuffled_window(streams, s, pass_index, window, shard_order)
+    tail, head = _boundary_split(streams, s, pass_index)
+    if not (tail and head):
+        return rows
+    # The first windows that hold tail + head samples settle the pass boundary together.
+    num = int(np.searchsorted(window_starts, tail + head, side="left"))
+    if window >= num:
+        return rows
+    block = np.concatenate([_shuffled_window(streams, s, pass_index, w, shard_order) for w in range(num)])
+    block = _apart_from_previous_pass(streams, s, pass_index, block, tail, head)
+    return block[window_starts[window]:window_starts[window + 1]]
+
+
+def _shuffled_window(streams: _Streams, s: int, pass_index: int, window: int, shard_order: np.ndarray) -> np.ndarray:
     shards = shard_order[window * streams.window:(window + 1) * streams.window]
     sizes = streams.shard_counts[s][shards]
     rows = np.empty((int(sizes.sum()), 2), dtype=np.int64)
     rows[:, 0] = np.repeat(shards, sizes)
     rows[:, 1] = np.arange(len(rows)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
     return rows[_rng(streams, s, pass_index, 1, window).permutation(len(rows))]
+
+
+def _boundary_split(streams: _Streams, s: int, pass_index: int) -> tuple[int, int]:
+    """(samples of the previous pass, samples of this one) in the global batch where this pass starts."""
+    if pass_index == 0:
+        return 0, 0
+    boundary = pass_index * int(streams.shard_counts[s].sum())
+    share = exact_ratios(streams.ratios)[streams.names[s]] * streams.batch_size
+    counts = allocate_batches(streams.ratios, streams.batch_size, math.floor((boundary + 1) / share) + 2)[:, s]
+    ends = np.cumsum(counts)
+    b = int(np.searchsorted(ends, boundary, side="right"))
+    return boundary - int(ends[b] - counts[b]), int(ends[b]) - boundary
+
+
+def _apart_from_previous_pass(streams: _Streams, s: int, pass_index: int, rows: np.ndarray, tail: int,
+                              head: int) -> np.ndarray:
+    """Swap the previous pass's last `tail` samples out of this pass's first `head` (deterministically), so the
+    global batch that holds the end of one pass and the start of the next never holds a galaxy twice."""
+    available = int(streams.shard_counts[s].sum())
+    recent = {tuple(r) for r in _stream_rows(streams, s, pass_index * available - tail, pass_index * available,
+                                             {}).tolist()}
+    clash = [i for i in range(head) if tuple(rows[i].tolist()) in recent]
+    spare = [i for i in range(head, len(rows)) if tuple(rows[i].tolist()) not in recent][:len(clash)]
+    assert len(spare) == len(clash), "a pass holds tail + head distinct samples"
+    rows = rows.copy()
+    rows[clash + spare] = rows[spare + clash]
+    return rows
 
 
 def _rng(streams: _Streams, s: int, pass_index: int, purpose: int, window: int) -> np.random.Generator:

@@ -21,7 +21,11 @@ from mixing_cases import (RATIO_CASES, BATCH_SIZES, SHARD_COUNTS, drift_exact, c
 def test_parse_ratios_and_errors():
     assert parse_ratios("sdss=0.33, decals=0.33,hst=0.34") == {"sdss": 0.33, "decals": 0.33, "hst": 0.34}
     assert list(parse_ratios("hst=0.5,sdss=0.5")) == ["hst", "sdss"]
-    for bad, message in [("sdss=0.5,decals=0.4", "sum to 1"), ("sdss=0.5,sdss=0.5", "twice"),
+    assert parse_ratios("sdss=33,decals=33,hst=34") == pytest.approx({"sdss": 0.33, "decals": 0.33, "hst": 0.34})
+    assert list(parse_ratios("a=1,b=1,c=1").values()) == pytest.approx([1 / 3] * 3)
+    assert exact_ratios(parse_ratios("a=1,b=1,c=1")) == {"a": Fraction(1, 3), "b": Fraction(1, 3), "c": Fraction(1, 3)}
+    assert parse_ratios("sdss=0.5,decals=0.4") == pytest.approx({"sdss": 5 / 9, "decals": 4 / 9})
+    for bad, message in [("sdss=0.5,sdss=0.5", "twice"),
                          ("sdss0.5,decals=0.5", "survey=share"), ("sdss=x,decals=0.5", "not a number"),
                          ("sdss=1.1,decals=-0.1", "positive"), ("sdss=1,decals=0", "positive"),
                          ("=1", "survey=share"), ("sdss=nan,decals=1", "positive")]:
@@ -57,7 +61,7 @@ def test_mix_config_validates_and_loads_from_yaml(tmp_path):
                             ({"epoch_samples": 8, "on_exhausted": "wrap"}, "on_exhausted"),
                             ({"epoch_samples": 8, "seed": -1}, "seed"),
                             ({"epoch_samples": 8, "global_batch_size": 0}, "global_batch_size"),
-                            ({"epoch_samples": 8, "ratios": "a=0.5,b=0.6"}, "sum to 1")]:
+                            ({"epoch_samples": 8, "ratios": "a=0.5,b=0"}, "positive")]:
         with pytest.raises(ValueError, match=message):
             MixConfig(**{"ratios": "a=0.5,b=0.5", "global_batch_size": 8, **kwargs})
 

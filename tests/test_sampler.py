@@ -275,3 +275,26 @@ def test_rank_and_worker_arguments_are_checked():
     assert rank_batch_indices(order, 3, 4, 2) == slice(2 * 96 + 72, 3 * 96)
     with pytest.raises(ValueError, match="batch_index"):
         rank_batch_indices(order, 0, 4, order.num_batches)
+
+
+@pytest.mark.parametrize("case", RATIO_CASES)
+def test_repeat_never_puts_a_galaxy_twice_in_one_global_batch(case):
+    """Where one pass of a survey ends and the next begins inside a batch, the two do not share a galaxy."""
+    ratios, _ = RATIO_CASES[case]
+    for batch_size in (16, 48):
+        for seed in SEEDS:
+            mix = MixConfig(ratios=ratios, global_batch_size=batch_size, epoch_samples=2000, seed=seed,
+                            on_exhausted="repeat", shuffle_window_shards=2)
+            try:
+                order = global_order(SHARD_COUNTS, mix, epoch=0)
+            except ValueError as err:  # a survey smaller than its share of a batch is refused, not repeated
+                assert "twice" in str(err)
+                continue
+            for batch in order.samples.reshape(order.num_batches, batch_size, 3):
+                assert len(np.unique(batch, axis=0)) == batch_size
+
+
+def test_a_survey_smaller_than_its_share_of_a_batch_is_refused_in_repeat_mode():
+    mix = MixConfig(ratios="a=0.5,b=0.5", global_batch_size=40, epoch_samples=400, on_exhausted="repeat")
+    with pytest.raises(ValueError, match="fewer train samples than their share"):
+        global_order({"a": [10, 5], "b": [100]}, mix, epoch=0)

@@ -16,6 +16,7 @@ import yaml
 
 from loaders.batch import Batch
 from loaders.loader import MixedLoader, build_loader
+from loaders.pfair import format_shares
 from sharding.config import to_dict
 from sharding.schema import FeatureSchema, load_schema
 from train import checkpoint, engine as ds, stages, validate
@@ -67,6 +68,7 @@ def setup(cfg: TrainConfig, world: World, resume: str | None) -> Run:
         (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         ds.write_deepspeed_config(out_dir / "deepspeed.json", ds_config)
     log = RunLog(out_dir, world.is_main, cfg.max_steps, step)
+    log.write(f"mix (normalised shares of every global batch of {mix.global_batch_size}): {format_shares(mix.ratios)}")
     if tag is not None:
         log.write(f"resumed from {tag} at step {step} (sampler epoch {loader.sampler.epoch}, "
                   f"batch {loader.sampler.batch_index})")
