@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import loaders.sampler as sampler_module
+import loaders.streams as streams_module
 from loaders.pfair import (allocate_batches)
 from loaders.sampler import (EpochOrder, MixConfig, MixingSampler, epoch_allocation, epoch_length,
                              global_order, iter_rank_batches, mix_fingerprint, mixing_report,
@@ -223,8 +224,8 @@ def test_torch_dataloader_round_robin_yields_batches_in_order():
 
 def test_resume_builds_only_the_windows_it_reads(monkeypatch):
     built = []
-    real = sampler_module._window_rows
-    monkeypatch.setattr(sampler_module, "_window_rows", lambda *args: built.append(args[1:4]) or real(*args))
+    real = streams_module._window_rows
+    monkeypatch.setattr(streams_module, "_window_rows", lambda *args: built.append(args[1:4]) or real(*args))
     mix = mix_for("thirds", 32, window=1, epoch_batches=100)
     num_batches = epoch_length(SHARD_COUNTS, mix)[0]
     batch, rows = next(iter_rank_batches(SHARD_COUNTS, mix, 0, 0, 1, start_sample=(num_batches - 1) * 32))
