@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import loaders.sampler as sampler_module
 import loaders.streams as streams_module
 from loaders.pfair import (allocate_batches)
 from loaders.sampler import (EpochOrder, MixConfig, MixingSampler, epoch_allocation, epoch_length,
