@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.stats import dirichlet_multinomial
 
 from models.backbone import count_backbone_params, dinov2_config
 from models.config import DEFAULT_OTHER_QUESTIONS, MODEL_CONFIG_ROOT, LoraSettings, ModelConfig, load_model_config
@@ -45,10 +46,8 @@ def toy_logits(num: int = 1) -> torch.Tensor:
 
 
 def dm_log_p(counts: list[float], alpha: list[float]) -> float:
-    """Dirichlet-multinomial log-likelihood with math.lgamma, written out from Walmsley et al. 2022."""
-    n, a = sum(counts), sum(alpha)
-    out = math.lgamma(n + 1) + math.lgamma(a) - math.lgamma(n + a)
-    return out + sum(math.lgamma(k + al) - math.lgamma(al) - math.lgamma(k + 1) for k, al in zip(counts, alpha))
+    """Dirichlet-multinomial log-likelihood from scipy, independent of our lgamma formula."""
+    return float(dirichlet_multinomial.logpmf(np.asarray(counts, float), np.asarray(alpha, float), int(sum(counts))))
 
 
 # ---- configs ------------------------------------------------------------------------------------------------
@@ -191,6 +190,21 @@ def test_dirichlet_multinomial_by_hand():
     assert mean.item() == pytest.approx(sum(map(sum, expected)) / 2, rel=1e-5)  # per galaxy, summed over questions
     mean.backward()
     assert (logits.grad[1, 2:] == 0).all() and (logits.grad[1, :2] != 0).all() and (logits.grad[0] != 0).all()
+
+
+def test_dirichlet_multinomial_matches_scipy_on_random_votes():
+    """Random concentrations and vote counts on the toy layout against scipy, question by question."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        alpha = rng.uniform(0.05, 20.0, 5)
+        a, b = rng.integers(0, 30, 2), rng.integers(0, 30, 3)  # b's third count goes to its "other" answer
+        votes = torch.tensor([[*a, *b[:2]]], dtype=torch.float32)
+        total = torch.tensor([[a.sum(), b.sum()]], dtype=torch.float32)
+        nll = dirichlet_multinomial_loss(torch.tensor(np.log(alpha), dtype=torch.float64)[None], layout=TOY_LAYOUT,
+                                         reduction="none", votes=votes, feature_mask=torch.ones(1, 4, dtype=torch.bool),
+                                         total_votes=total)[0]
+        expected = [-dm_log_p(a, alpha[:2]) if a.sum() else 0.0, -dm_log_p(b, alpha[2:]) if b.sum() else 0.0]
+        assert nll.numpy() == pytest.approx(expected, rel=1e-4, abs=1e-4)
 
 
 def test_absent_answer_merges_into_rest_bucket():

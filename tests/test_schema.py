@@ -46,9 +46,40 @@ def test_config_overrides_types_and_unknown_keys(tmp_path):
     assert load_config(Outer, path, ["inner.rate=3e-4"]).inner.rate == 3e-4  # YAML 1.1 reads this as a string
 
 
-def test_every_yaml_in_configs_parses():
-    for path in CONFIG_ROOT.rglob("*.yaml"):
-        assert isinstance(yaml.safe_load(path.read_text()), dict), path
+def _validate_config(kind: str, path: Path) -> object:
+    """Load a configs/<kind>/*.yaml with the dataclass that owns it (unknown keys and wrong types fail)."""
+    if kind == "train":
+        from train.config import load_train_config
+        return load_train_config(path)
+    if kind == "models":
+        from models.config import load_model_config
+        return load_model_config(path)
+    if kind == "surveys":
+        return load_survey(path)
+    if kind == "features":
+        return load_schema(path)
+    if kind == "eval":
+        from eval.ood import OODConfig
+        return load_config(OODConfig, path)
+    raise AssertionError(f"configs/{kind}/ has no dataclass in this test: add it")
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_ROOT.rglob("*.yaml")), ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_yaml_in_configs_validates_with_its_dataclass(path):
+    assert isinstance(yaml.safe_load(path.read_text()), dict), path
+    _validate_config(path.parent.name, path)
+
+
+def test_config_validation_catches_what_parsing_does_not(tmp_path):
+    for kind, text, error in [("train", "base: tiny.yaml\noptim: {lr: fast}\n", "expected float"),
+                              ("models", "name: bad\nhead: {dropout: 0.1, width: 3}\n", "unknown key"),
+                              ("eval", "runs: {a: runs/a}\nbootstrap: many\n", "expected int")]:
+        path = tmp_path / kind / "bad.yaml"
+        path.parent.mkdir()
+        path.write_text(text)
+        assert isinstance(yaml.safe_load(path.read_text()), dict)
+        with pytest.raises(ValueError, match=error):
+            _validate_config(kind, path)
 
 
 def test_schema_matches_shared_cross_survey_table():
