@@ -230,3 +230,38 @@ def test_head_stage_on_a_local_pretrained_folder_keeps_its_backbone(shard_root, 
         assert torch.equal(exported[f"backbone.{name}"], tensor), name
     meta = json.loads((out / "export" / "export.json").read_text())
     assert meta["pretrained_source"] == str(tmp_path / "dinov2-tiny") and meta["model"]["pretrained"] is None
+
+
+
+def test_optimizer_is_torch_adamw_on_gpu_unless_asked_otherwise():
+    from train.engine import deepspeed_config
+    cfg = load_train_config(TINY)
+    for on_cuda in (False, True):
+        params = deepspeed_config(cfg, 1, on_cuda=on_cuda)["optimizer"]["params"]
+        assert params["torch_adam"] is True and params.get("fused", False) is on_cuda
+    fused = load_train_config(TINY, ["optim.implementation=deepspeed_fused"])
+    assert "torch_adam" not in deepspeed_config(fused, 1, on_cuda=True)["optimizer"]["params"]
+    zero3 = load_train_config(TINY, ["zero_stage=3", "zero3_param_persistence_threshold=0"])
+    ds = deepspeed_config(zero3, 1, on_cuda=False)
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+
+
+def test_deepspeed_builds_torch_adamw_with_the_fused_flag():
+    """DeepSpeed passes the optimizer params it does not know (fused) to torch.optim.AdamW."""
+    script = f"""
+import torch, deepspeed
+from train.config import load_train_config
+from train.engine import deepspeed_config
+cfg = load_train_config({TINY!r}, ["data.global_batch_size=4"])
+config = deepspeed_config(cfg, 1, on_cuda=True)
+deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+model = torch.nn.Linear(3, 2)
+engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+inner = getattr(optimizer, "optimizer", optimizer)
+print(type(inner).__name__, inner.param_groups[0]["fused"])
+"""
+    env = dict(_env(), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "AdamW True"

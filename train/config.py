@@ -40,6 +40,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.01  # cosine ends at lr * this
     grad_clip: float = 1.0
     layer_decay: float | None = None  # full stage: lr * decay ** (depth from the top) per backbone layer
+    # "torch": torch.optim.AdamW through DeepSpeed's torch_adam (fused=True on CUDA), nothing to compile;
+    # "deepspeed_fused": DeepSpeed's FusedAdam, which JIT-compiles a CUDA op (needs nvcc and ninja) on first use.
+    implementation: Literal["torch", "deepspeed_fused"] = "torch"
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: Literal["mse", "dirichlet"] = "dirichlet"
     zero_stage: int = 2
+    # ZeRO-3 keeps parameters smaller than this many elements whole on every rank (None: DeepSpeed's 1e5).
+    zero3_param_persistence_threshold: int | None = None
     precision: Literal["fp32", "bf16"] = "fp32"
     grad_accum_steps: int = 1
     max_steps: int = 100
@@ -70,6 +75,9 @@ class TrainConfig:
             raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
         if min(self.max_steps, self.checkpoint_every, self.val_every, self.log_every, self.grad_accum_steps) < 1:
             raise ValueError("max_steps, checkpoint_every, val_every, log_every and grad_accum_steps must be >= 1")
+        if self.zero3_param_persistence_threshold is not None and self.zero3_param_persistence_threshold < 0:
+            raise ValueError(f"zero3_param_persistence_threshold must be >= 0, got "
+                             f"{self.zero3_param_persistence_threshold}")
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:

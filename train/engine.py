@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,11 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from train.config import TrainConfig
+
+# ZeRO's partition all-gathers call torch.distributed.all_gather_into_tensor, which torch deprecates with a
+# FutureWarning that reappears on every log step. DeepSpeed's call, not ours: silence exactly that one.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                        category=FutureWarning, module=r"torch\.distributed")
 
 NO_DECAY_SUFFIXES = ("bias", "norm.weight", "layernorm.weight", "layer_norm.weight", "lambda1", "position_embeddings",
                      "cls_token", "mask_token")
@@ -21,6 +27,19 @@ def init_distributed(backend: str) -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
+def _optimizer(cfg: TrainConfig, on_cuda: bool) -> dict[str, Any]:
+    optim = cfg.optim
+    params: dict[str, Any] = {"lr": optim.lr, "betas": list(optim.betas), "eps": 1e-8,
+                              "weight_decay": optim.weight_decay}
+    if optim.implementation == "torch":
+        # torch.optim.AdamW: DeepSpeed's FusedAdam would JIT-compile a CUDA op (nvcc + ninja) on first use.
+        # DeepSpeed passes the remaining params to the constructor, so fused=True selects torch's fused kernel.
+        params["torch_adam"] = True
+        if on_cuda:
+            params["fused"] = True
+    return {"type": "AdamW", "params": params}
+
+
 def deepspeed_config(cfg: TrainConfig, world_size: int, on_cuda: bool) -> dict[str, Any]:
     """The DeepSpeed JSON for a run; written next to the run so it can be inspected and reused."""
     per_step = world_size * cfg.grad_accum_steps
@@ -28,18 +47,19 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, on_cuda: bool) -> dict[s
         raise ValueError(f"data.global_batch_size={cfg.data.global_batch_size} must be divisible by world size "
                          f"({world_size}) x grad_accum_steps ({cfg.grad_accum_steps})")
     optim = cfg.optim
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero3_param_persistence_threshold is not None:
+        zero["stage3_param_persistence_threshold"] = cfg.zero3_param_persistence_threshold
     return {
         "train_batch_size": cfg.data.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.data.global_batch_size // per_step,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
         "gradient_clipping": optim.grad_clip,
-        # torch's AdamW on CPU: FusedAdam would compile a C++ op (~50 s) and has no CPU kernel benefit.
-        "optimizer": {"type": "AdamW", "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": 1e-8,
-                                                  "weight_decay": optim.weight_decay, "torch_adam": not on_cuda}},
+        "optimizer": _optimizer(cfg, on_cuda),
         "scheduler": {"type": "WarmupCosineLR", "params": {
             "total_num_steps": cfg.max_steps, "warmup_num_steps": max(1, min(optim.warmup_steps, cfg.max_steps)),
             "warmup_min_ratio": 0.0, "cos_min_ratio": optim.min_lr_ratio, "warmup_type": "linear"}},
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
