@@ -24,27 +24,37 @@ Perturb = Callable[[torch.Tensor, int], torch.Tensor]
 """(decoded (3, H, W) float image in 0..255, row number in the split) -> perturbed image, before resize."""
 
 
-def eval_refs(info: SurveyShards, rank: int, world_size: int, max_samples: int | None) -> np.ndarray:
-    """(0, shard, index) rows of the first `max_samples` samples in shard order; rank r takes rows r::W."""
+def eval_refs(info: SurveyShards, rank: int, world_size: int, max_samples: int | None, *,
+              pad: bool = False) -> np.ndarray:
+    """(0, shard, index) rows of the first `max_samples` samples in shard order; rank r takes rows r::W.
+
+    `pad=True` gives every rank ceil(n / W) rows: a rank with fewer repeats the split's first row at its end, so
+    ranks run equally many batches (a collective forward such as ZeRO-3's). The rank's real rows come first:
+    as many as `eval_refs(..., pad=False)` returns.
+    """
     refs = np.array([(0, shard, index) for shard, count in enumerate(info.shard_counts) for index in range(count)],
                     dtype=np.int64).reshape(-1, 3)
     if max_samples is not None:
         refs = refs[:max_samples]
-    return refs[rank::world_size]
+    mine = refs[rank::world_size]
+    if not pad or not len(refs):
+        return mine
+    padding = np.repeat(refs[:1], -(-len(refs) // world_size) - len(mine), axis=0)
+    return np.concatenate([mine, padding])
 
 
 def iter_eval_batches(cfg: LoaderConfig, survey: str, split: str = "val", rank: int = 0, world_size: int = 1,
                       batch_size: int = 64, max_samples: int | None = None, *, start: int = 0,
-                      perturb: Perturb | None = None, backend: str = "torch") -> Iterator[Batch]:
+                      perturb: Perturb | None = None, backend: str = "torch", pad: bool = False) -> Iterator[Batch]:
     """Decode -> resize -> normalise, exactly the training loaders' path with augmentation off.
 
     `start` skips this rank's first rows (a resumed prediction). `perturb` alters each decoded image before
     the resize (robustness studies; torch backend only). `backend="dali"` decodes with DALI on cfg.device.
     An unreadable sample raises (an evaluation must not quietly change what it reports on; run
-    sharding.verify). Batch.survey is 0: the batch holds one survey.
+    sharding.verify). Batch.survey is 0: the batch holds one survey. `pad`: as eval_refs (padding rows last).
     """
     info = load_survey_shards(Path(cfg.shard_root) / survey, split)
-    refs = eval_refs(info, rank, world_size, max_samples)[start:]
+    refs = eval_refs(info, rank, world_size, max_samples, pad=pad)[start:]
     if backend == "dali":
         if perturb is not None:
             raise ValueError("perturbations run on the torch backend only")

@@ -265,3 +265,19 @@ print(type(inner).__name__, inner.param_groups[0]["fused"])
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "AdamW True"
+
+
+def test_eval_refs_pad_gives_every_rank_the_same_number_of_rows():
+    from types import SimpleNamespace
+
+    from loaders.evaluation import eval_refs
+    info = SimpleNamespace(shard_counts=[4, 3, 2])  # 9 samples
+    for world_size in (1, 2, 4, 5, 12):
+        plain = [eval_refs(info, r, world_size, None) for r in range(world_size)]
+        padded = [eval_refs(info, r, world_size, None, pad=True) for r in range(world_size)]
+        assert {len(p) for p in padded} == {-(-9 // world_size)}
+        assert sum(len(p) for p in plain) == 9
+        for mine, pad in zip(plain, padded):
+            assert np.array_equal(pad[:len(mine)], mine)  # real rows first
+            assert (pad[len(mine):] == [0, 0, 0]).all()
+    assert len(eval_refs(info, 1, 2, 3, pad=True)) == 2 and len(eval_refs(info, 1, 2, 3)) == 1
