@@ -232,6 +232,321 @@ def test_head_stage_on_a_local_pretrained_folder_keeps_its_backbone(shard_root, 
     assert meta["pretrained_source"] == str(tmp_path / "dinov2-tiny") and meta["model"]["pretrained"] is None
 
 
+# ---- issue 10: training hardening ----------------------------------------------------------------------------
+
+def _run_status(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _pretrained_tiny(folder: Path) -> dict:
+    """A saved random tiny DINOv2 (the frozen weights' original fp32 values) -> its state dict."""
+    import torch
+    from transformers import Dinov2Model
+
+    from models.backbone import dinov2_config
+    from models.config import load_model_config
+    if not folder.exists():
+        torch.manual_seed(5)
+        Dinov2Model(dinov2_config(load_model_config("tiny").backbone)).save_pretrained(folder)
+    return {k: v for k, v in Dinov2Model.from_pretrained(folder).state_dict().items()}
+
+
+@pytest.fixture
+def process_group():
+    """torch.distributed in this process: a world of one over gloo (the collectives of unit-tested parts)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved_nproc, resumed_nproc, zero_stage, stage", [(2, 1, 3, "head"), (1, 2, 2, "full")])
+def test_resume_on_another_world_size_follows_the_uninterrupted_run(shard_root, tmp_path, saved_nproc,
+                                                                    resumed_nproc, zero_stage, stage):
+    """A checkpoint of N processes resumed by M: DeepSpeed's universal form, converted once, loaded by M."""
+    import shutil
+    overrides = _overrides(shard_root, checkpoint_every=3, zero_stage=zero_stage, stage=stage,
+                           **{"model_overrides": "[head.dropout=0.0]"})
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    _run(_command(saved_nproc, reference, 6, overrides))
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(reference / "checkpoints" / "step00000003", resumed / "checkpoints" / "step00000003")
+    result = _run(_command(resumed_nproc, resumed, 6, overrides, resume="auto"))
+    assert f"converted from {saved_nproc} processes" in result.stdout + result.stderr
+    assert (resumed / "checkpoints" / "step00000003_universal").is_dir()
+    ref, res = _steps(reference), _steps(resumed)
+    assert sorted(res) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert res[step]["batch_keys_hash"] == ref[step]["batch_keys_hash"], step
+        assert res[step]["survey_counts"] == ref[step]["survey_counts"], step
+        assert res[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5, abs=1e-6), step
+
+
+def test_resume_planning_refuses_what_cannot_be_resumed(tmp_path):
+    """Stage 0 on another world size, another schema or model: a ValueError naming it, before any step."""
+    from train.checkpoint import plan_resume
+    identity = {"schema": ["a", "b"], "model": {"backbone": {"hidden_size": 64}}, "stage": "head", "lora": None}
+    folder = tmp_path / "checkpoints" / "step00000003"
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text(json.dumps({"step": 3, "sampler": {}, "world_size": 2, **identity}))
+    assert plan_resume(tmp_path, "auto", identity, world_size=2, zero_stage=0).universal is False
+    plan = plan_resume(tmp_path, "step00000003", identity, world_size=1, zero_stage=1)
+    assert plan.universal and plan.step == 3 and plan.saved_world_size == 2
+    with pytest.raises(ValueError, match="written by 2 processes.*zero_stage=0"):
+        plan_resume(tmp_path, "auto", identity, world_size=1, zero_stage=0)
+    with pytest.raises(ValueError, match=r"schema: missing \['b'\] added \['c'\]"):
+        plan_resume(tmp_path, "auto", {**identity, "schema": ["a", "c"]}, world_size=2, zero_stage=2)
+    with pytest.raises(ValueError, match="model.backbone.hidden_size: 64 -> 32"):
+        plan_resume(tmp_path, "auto", {**identity, "model": {"backbone": {"hidden_size": 32}}}, 2, 2)
+    assert plan_resume(tmp_path, "none", identity, 1, 0) is None
+
+
+def test_resume_of_a_different_model_fails_before_loading(shard_root, tmp_path):
+    out = tmp_path / "run"
+    folder = out / "checkpoints" / "step00000002"
+    folder.mkdir(parents=True)
+    from models.config import load_model_config
+    from sharding.config import to_dict
+    from sharding.schema import load_schema
+    saved_model = to_dict(load_model_config("tiny", ["backbone.hidden_size=32"]))
+    (folder / "meta.json").write_text(json.dumps({"step": 2, "sampler": {}, "world_size": 1, "model": saved_model,
+                                                  "schema": load_schema().names, "stage": "head"}))
+    result = _run_status(_command(1, out, 4, _overrides(shard_root), resume="auto"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "different model" in result.stderr and "model.backbone.hidden_size: 32 -> 64" in result.stderr
+    assert not (out / "log.jsonl").exists() or not _steps(out)
+
+
+@pytest.mark.slow
+def test_signal_at_a_checkpoint_step_does_not_rewrite_that_checkpoint(shard_root, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_command(1, out, 40, _overrides(shard_root, checkpoint_every=1, keep_checkpoints=100)),
+                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((out / "log.jsonl").exists() and len(_steps(out)) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    saved = [e["step"] for e in _events(out, "checkpoint")]
+    assert saved and len(saved) == len(set(saved)), saved  # every step's checkpoint written once
+    assert "checkpoint already saved at step" in output
+    root = out / "checkpoints"
+    assert not list(root.glob("partial-*"))
+    assert sorted(p.name for p in root.glob("step*")) == [f"step{s:08d}" for s in saved]
+    assert all((root / f"step{s:08d}" / "meta.json").is_file() for s in saved)
+
+
+class _FakeCheckpointEngine:
+    """Writes one file per save, or dies half-way (a node lost mid-save)."""
+
+    def __init__(self):
+        self.saves, self.fail = [], False
+
+    def save(self, directory: Path, tag: str, client_state: dict) -> None:
+        self.saves.append(tag)
+        (directory / tag).mkdir(parents=True, exist_ok=True)
+        (directory / tag / "state.json").write_text(json.dumps(client_state))
+        if self.fail:
+            raise RuntimeError("lost a node")
+
+    def load(self, directory: Path, tag: str) -> dict:
+        return json.loads((directory / tag / "state.json").read_text())
+
+
+def test_checkpoint_is_complete_or_absent_and_written_once_per_step(tmp_path, process_group):
+    from train.checkpoint import Checkpointer, ResumePlan, complete_tags
+    from train.world import World
+    engine, events = _FakeCheckpointEngine(), []
+    checkpointer = Checkpointer(engine, tmp_path, World(), keep=5, meta={"world_size": 1},
+                                convert=lambda a, b: None, on_event=events.append)
+    assert checkpointer.save(3, {"step": 3, "sampler": {"at": 3}}, "periodic")
+    assert not checkpointer.save(3, {"step": 3, "sampler": {"at": 3}}, "signal 15")  # no rewrite in place
+    assert engine.saves == ["partial-step00000003"] and [e["reason"] for e in events] == ["periodic"]
+    engine.fail = True
+    with pytest.raises(RuntimeError, match="lost a node"):
+        checkpointer.save(4, {"step": 4, "sampler": {"at": 4}}, "periodic")
+    assert complete_tags(tmp_path) == ["step00000003"] and not (tmp_path / "checkpoints" / "step00000004").exists()
+    engine.fail = False  # resumed from step 3, the run saves step 4 again: the leftovers go, the new one is whole
+    checkpointer = Checkpointer(engine, tmp_path, World(), keep=5, meta={"world_size": 1},
+                                convert=lambda a, b: None, on_event=events.append)
+    assert checkpointer.load(ResumePlan("step00000003", 3, 1, False)) == {"step": 3, "sampler": {"at": 3}}
+    assert checkpointer.save(4, {"step": 4, "sampler": {"at": 4}}, "periodic")
+    assert complete_tags(tmp_path) == ["step00000003", "step00000004"]
+    assert not list((tmp_path / "checkpoints").glob("partial-*"))
+    meta = json.loads((tmp_path / "checkpoints" / "step00000004" / "meta.json").read_text())
+    assert meta["step"] == 4 and meta["sampler"] == {"at": 4} and meta["world_size"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage, stage", [(0, "full"), (2, "head"), (3, "head"), (2, "lora")],
+                         ids=["zero0-full", "zero2-head", "zero3-head", "zero2-lora"])
+def test_bf16_export_is_the_fp32_master_weights(shard_root, tmp_path, zero_stage, stage):
+    """Trainable weights: the checkpoint's fp32 masters; frozen ones: their original fp32 values (not bf16)."""
+    import torch
+    from safetensors.torch import load_file
+    from train import stages
+
+    pretrained = tmp_path / "dinov2-tiny"
+    original = {f"backbone.{k}": v for k, v in _pretrained_tiny(pretrained).items()}
+    out = tmp_path / "run"
+    extra = [f"model_overrides=[pretrained={pretrained}]"]
+    # DeepSpeed makes the fp32 masters from the bf16-cast module: they leave the bf16 grid once lr > 0.
+    _run(_command(1, out, 3, _overrides(shard_root, stage=stage, precision="bf16", zero_stage=zero_stage,
+                                        **{"lora.rank": 4, "lora.alpha": 8.0, "optim.warmup_steps": 1}) + extra))
+    exported = load_file(out / "export" / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in exported.values())
+    cfg = load_train_config(TINY, [*_overrides(shard_root, stage=stage, **{"lora.rank": 4, "lora.alpha": 8.0}), *extra])
+    from sharding.schema import load_schema
+    model, _ = stages.build(cfg, load_schema())  # the stage's model, frozen weights at their fp32 originals
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    checkpoint = out / "checkpoints" / "step00000003"
+    if zero_stage == 0:  # DeepSpeed's bf16 wrapper keeps the fp32 masters in the optimizer state
+        saved = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        masters = [t for group in saved["optimizer"]["fp32_groups"] for t in group]
+        for name in trainable:
+            assert any(m.shape == exported[name].shape and torch.equal(m, exported[name]) for m in masters), name
+        master = {name: exported[name] for name in trainable}
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        gathered = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step00000003")
+        master = {name: gathered[name] for name in trainable}
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in master.values()), "masters look bf16-rounded"
+    if stage == "lora":  # merge the fp32 adapters into the fp32 frozen weights, then compare
+        from models.lora import merge_lora
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in trainable:
+                    param.copy_(master[name])
+        expected = merge_lora(model).state_dict()
+        assert set(expected) == set(exported)
+        for name, tensor in expected.items():
+            assert torch.allclose(exported[name], tensor, rtol=1e-6, atol=1e-7), name
+        untouched = [n for n in original if "q_proj" not in n and "v_proj" not in n]
+        assert untouched and all(torch.equal(exported[n], original[n]) for n in untouched)
+        return
+    for name, tensor in exported.items():
+        expected = master[name] if name in trainable else original[name]
+        assert torch.equal(tensor, expected), name
+
+
+@pytest.mark.slow
+def test_zero3_validation_with_partitioned_parameters_and_uneven_ranks(shard_root, tmp_path):
+    """decals val has 9 galaxies: with batches of 2, rank 0 has 3 batches and rank 1 two (plus one padded)."""
+    overrides = _overrides(shard_root, val_at_start="true", **{"data.val_batch_size": 2})
+    single, sharded = tmp_path / "single", tmp_path / "zero3"
+    _run(_command(1, single, 1, overrides))
+    result = _run(_command(2, sharded, 1, overrides + ["zero_stage=3", "zero3_param_persistence_threshold=0"]),
+                  timeout=240)
+    assert "all_gather_into_tensor` is deprecated" not in result.stdout + result.stderr
+    ref, res = _events(single, "validation")[0], _events(sharded, "validation")[0]
+    assert ref["step"] == res["step"] == 0
+    sizes = {s: json.loads((shard_root / s / "manifest.json").read_text())["splits"]["val"]["num_samples"]
+             for s in ("sdss", "decals", "hst")}
+    assert sizes["decals"] % 2 == 1 and {s: r["n"] for s, r in res["surveys"].items()} == sizes
+    for survey, values in ref["surveys"].items():
+        for key in ("loss", "mae", "r"):
+            assert res["surveys"][survey][key] == pytest.approx(values[key], rel=1e-4, abs=1e-6), (survey, key)
+
+
+def test_eval_refs_pad_gives_every_rank_the_same_number_of_rows():
+    from types import SimpleNamespace
+
+    from loaders.evaluation import eval_refs
+    info = SimpleNamespace(shard_counts=[4, 3, 2])  # 9 samples
+    for world_size in (1, 2, 4, 5, 12):
+        plain = [eval_refs(info, r, world_size, None) for r in range(world_size)]
+        padded = [eval_refs(info, r, world_size, None, pad=True) for r in range(world_size)]
+        assert {len(p) for p in padded} == {-(-9 // world_size)}
+        assert sum(len(p) for p in plain) == 9
+        for mine, pad in zip(plain, padded):
+            assert np.array_equal(pad[:len(mine)], mine)  # real rows first
+            assert (pad[len(mine):] == [0, 0, 0]).all()
+    assert len(eval_refs(info, 1, 2, 3, pad=True)) == 2 and len(eval_refs(info, 1, 2, 3)) == 1
+
+
+def test_train_step_does_not_synchronise_the_host(monkeypatch):
+    """No loss.item(), all-reduce or object gather per micro-batch: the step queues work and returns."""
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+
+    from loaders.batch import Batch
+    from models.config import load_model_config
+    from models.head import MorphologyModel
+    from sharding.schema import load_schema
+    from train import loop
+    from train.world import World
+
+    model = MorphologyModel(load_model_config("tiny"), load_schema())
+    engine = SimpleNamespace(module=model, train=model.train, device=torch.device("cpu"),
+                             forward=lambda images: model(images, with_other=True),
+                             backward_step=lambda loss: loss.backward())
+    cfg = load_train_config(TINY, ["grad_accum_steps=2"])
+    stats = None
+    if hasattr(loop, "StepStats"):
+        stats = loop.StepStats(torch.device("cpu"), 0, 1, ["sdss", "hst"])
+    run = SimpleNamespace(cfg=cfg, world=World(), engine=engine, step=0, stats=stats)
+    n = 4
+    batch = Batch(torch.randn(n, 3, 56, 56), torch.rand(n, 26), torch.ones(n, 26, dtype=torch.bool),
+                  torch.ones(n, 26), torch.full((n, 9), 26.0), torch.tensor([0, 1, 0, 1]), list("abcd"))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host synchronisation in train_step")
+    monkeypatch.setattr(torch.Tensor, "item", forbidden)
+    monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
+    monkeypatch.setattr(dist, "all_reduce", forbidden)
+    monkeypatch.setattr(dist, "all_gather_object", forbidden)
+    for step in range(3):
+        loop.train_step(run, batch)
+        run.step += 1
+
+
+def test_step_stats_reduce_once_and_name_the_first_non_finite_step(process_group, monkeypatch):
+    import torch
+    import torch.distributed as dist
+
+    from train.stepstats import NonFiniteLoss, StepStats
+    calls = []
+    real = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: calls.append(1) or real(*a, **k))
+    stats = StepStats(torch.device("cpu"), 0, 1, ["sdss", "hst"])
+    for step, losses in ((1, [2.0, 4.0]), (2, [1.0, float("nan")]), (3, [float("inf"), 1.0])):
+        stats.start_step()
+        for value in losses:
+            stats.add(step, torch.tensor(value))
+        stats.end_step(step, [f"k{step}a", f"k{step}b"], torch.tensor([0, 1]))
+        if step == 1:
+            reduced = stats.reduce()
+            assert calls == [1] and reduced["loss"] == 3.0 and reduced["survey_counts"] == {"sdss": 1, "hst": 1}
+    with pytest.raises(NonFiniteLoss, match=r"loss is nan at step 2 \(rank 0 batch keys: \['k2a', 'k2b'\]\)"):
+        stats.reduce()
+
+
+def test_batch_keys_hash_is_the_same_for_any_split_of_the_batch():
+    from train.runlog import key_lanes, keys_hash
+    keys = [f"sdss_{i}" for i in range(24)]
+    whole = keys_hash(key_lanes(keys))
+    for parts in (2, 3, 4, 8):
+        lanes = [key_lanes(keys[i::parts]) for i in range(parts)]
+        assert keys_hash((sum(a for a, _ in lanes), sum(b for _, b in lanes))) == whole
+    assert keys_hash(key_lanes(keys[:-1] + ["sdss_99"])) != whole
+
+
+@pytest.mark.slow
+def test_log_records_the_base_lr_and_every_group_lr(shard_root, tmp_path):
+    out = tmp_path / "run"
+    _run(_command(1, out, 3, _overrides(shard_root, stage="full", **{"optim.layer_decay": 0.5, "optim.lr": 0.01,
+                                                                      "optim.warmup_steps": 2})))
+    record = _steps(out)[3]  # after warm-up: the base lr is the configured one on the cosine
+    groups = record["lr_groups"]
+    assert record["lr"] == pytest.approx(groups["top"]) and 0 < record["lr"] <= 0.01
+    for depth in range(3):  # embeddings (0) and the two encoder layers: lr * 0.5 ** (3 - depth)
+        assert groups[f"depth{depth}"] == pytest.approx(record["lr"] * 0.5 ** (3 - depth)), depth
+        assert groups[f"depth{depth}_no_decay"] == pytest.approx(groups[f"depth{depth}"])
+
 
 def test_optimizer_is_torch_adamw_on_gpu_unless_asked_otherwise():
     from train.engine import deepspeed_config
@@ -242,8 +557,9 @@ def test_optimizer_is_torch_adamw_on_gpu_unless_asked_otherwise():
     fused = load_train_config(TINY, ["optim.implementation=deepspeed_fused"])
     assert "torch_adam" not in deepspeed_config(fused, 1, on_cuda=True)["optimizer"]["params"]
     zero3 = load_train_config(TINY, ["zero_stage=3", "zero3_param_persistence_threshold=0"])
-    ds = deepspeed_config(zero3, 1, on_cuda=False)
+    ds = deepspeed_config(zero3, 1, on_cuda=False, load_universal=True)
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    assert ds["checkpoint"] == {"load_universal": True}
 
 
 def test_deepspeed_builds_torch_adamw_with_the_fused_flag():
@@ -265,19 +581,3 @@ print(type(inner).__name__, inner.param_groups[0]["fused"])
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "AdamW True"
-
-
-def test_eval_refs_pad_gives_every_rank_the_same_number_of_rows():
-    from types import SimpleNamespace
-
-    from loaders.evaluation import eval_refs
-    info = SimpleNamespace(shard_counts=[4, 3, 2])  # 9 samples
-    for world_size in (1, 2, 4, 5, 12):
-        plain = [eval_refs(info, r, world_size, None) for r in range(world_size)]
-        padded = [eval_refs(info, r, world_size, None, pad=True) for r in range(world_size)]
-        assert {len(p) for p in padded} == {-(-9 // world_size)}
-        assert sum(len(p) for p in plain) == 9
-        for mine, pad in zip(plain, padded):
-            assert np.array_equal(pad[:len(mine)], mine)  # real rows first
-            assert (pad[len(mine):] == [0, 0, 0]).all()
-    assert len(eval_refs(info, 1, 2, 3, pad=True)) == 2 and len(eval_refs(info, 1, 2, 3)) == 1

@@ -1,12 +1,15 @@
-"""The training loop: set-up, train_step, validation, checkpoints, pre-emption and the final export."""
+"""The training loop: set-up, train_step, logging, pre-emption and the final export.
+
+Checkpoints (train.checkpoint.Checkpointer) and validation (train.validate.Validator) are components that
+take what they need; this module wires them together.
+"""
 
 from __future__ import annotations
 
 import math
 import signal
 import time
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +22,20 @@ from loaders.loader import MixedLoader, build_loader
 from loaders.pfair import format_shares
 from sharding.config import to_dict
 from sharding.schema import FeatureSchema, load_schema
-from train import checkpoint, engine as ds, stages, validate
+from train import checkpoint, engine as ds, stages
 from train.config import TrainConfig
-from train.runlog import RunLog, keys_hash
+from train.runlog import RunLog
+from train.stepstats import StepStats
+from train.validate import Validator, format_table
 from train.world import World
+
+
+@dataclass
+class Window:
+    """Host time of the steps since the last log record (validation and checkpoints left out)."""
+    steps: int = 0
+    seconds: float = 0.0
+    wait: float = 0.0
 
 
 @dataclass
@@ -34,8 +47,13 @@ class Run:
     engine: ds.Engine
     loader: MixedLoader
     log: RunLog
+    checkpointer: checkpoint.Checkpointer
+    validator: Validator
+    stats: StepStats
+    control: dist.ProcessGroup | None = None  # host-side group for the stop flag (gloo beside NCCL)
     step: int = 0
     stop_signal: int = 0
+    window: Window = field(default_factory=Window)
 
 
 def _seed(cfg: TrainConfig, step: int, rank: int) -> None:
@@ -44,89 +62,87 @@ def _seed(cfg: TrainConfig, step: int, rank: int) -> None:
     np.random.seed((cfg.seed * 7919 + step * 31 + rank) % 2**32)
 
 
+def run_identity(cfg: TrainConfig, schema: FeatureSchema, model: torch.nn.Module) -> dict:
+    """What a resumed run must share with the run that saved the checkpoint."""
+    return {"schema": list(schema.names), "model": to_dict(model.config), "stage": cfg.stage,
+            "lora": to_dict(cfg.lora) if cfg.stage == "lora" else None}
+
+
 def setup(cfg: TrainConfig, world: World, resume: str | None) -> Run:
     on_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     ds.init_distributed("nccl" if on_cuda else "gloo")
     if on_cuda:
         torch.cuda.set_device(world.local_rank)
+    control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     schema = load_schema()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model, num_layers = stages.build(cfg, schema)
-    ds_config = ds.deepspeed_config(cfg, world.world_size, on_cuda)
-    engine = ds.Engine(model, ds.param_groups(model, cfg, num_layers), ds_config)
+    identity = run_identity(cfg, schema, model)
+    plan = checkpoint.plan_resume(out_dir, resume, identity, world.world_size, cfg.zero_stage)
+    ds_config = ds.deepspeed_config(cfg, world.world_size, on_cuda, load_universal=bool(plan and plan.universal))
+    engine = ds.Engine(model, ds.param_groups(model, cfg, num_layers), ds_config,
+                       keep_fp32_fixed=world.is_main and cfg.precision != "fp32")
     mix = cfg.data.mix_config(cfg.seed)
     loader = build_loader(cfg.data.loader, mix, world.rank, world.world_size)
-    tag = checkpoint.resolve_resume(out_dir, resume)
+    log = RunLog(out_dir, world.is_main, cfg.max_steps, plan.step if plan else 0)
+    meta = {"config": to_dict(cfg), **identity, "world_size": world.world_size}
+    checkpointer = checkpoint.Checkpointer(engine, out_dir, world, cfg.keep_checkpoints, meta,
+                                           ds.convert_to_universal, log.event)
     step = 0
-    if tag is not None:
-        client = engine.load(checkpoint.checkpoint_root(out_dir), tag)
+    if plan is not None:
+        client = checkpointer.load(plan)
         loader.load_state_dict(client["sampler"])
         step = int(client["step"])
     if world.is_main:
         (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         ds.write_deepspeed_config(out_dir / "deepspeed.json", ds_config)
-    log = RunLog(out_dir, world.is_main, cfg.max_steps, step)
+
+    def on_results(at_step: int, results: dict) -> None:
+        log.event({"event": "validation", "step": at_step, "surveys": results})
+        log.write(format_table(results, at_step))
+
+    validator = Validator(cfg, engine, loader.surveys, schema.names, world, on_results)
+    stats = StepStats(engine.device, world.rank, world.world_size, loader.surveys)
     log.write(f"mix (normalised shares of every global batch of {mix.global_batch_size}): {format_shares(mix.ratios)}")
-    if tag is not None:
-        log.write(f"resumed from {tag} at step {step} (sampler epoch {loader.sampler.epoch}, "
+    if plan is not None:
+        how = f", converted from {plan.saved_world_size} processes" if plan.universal else ""
+        log.write(f"resumed from {plan.tag} at step {step}{how} (sampler epoch {loader.sampler.epoch}, "
                   f"batch {loader.sampler.batch_index})")
-    return Run(cfg, world, out_dir, schema, engine, loader, log, step)
+    return Run(cfg, world, out_dir, schema, engine, loader, log, checkpointer, validator, stats, control, step)
 
 
-def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor, op=op)
-    return tensor.tolist()
-
-
-def train_step(run: Run, batch: Batch) -> float:
-    """Forward/backward over the rank's micro-batches and one optimizer step; returns the mean loss."""
+def train_step(run: Run, batch: Batch) -> None:
+    """Forward/backward over the rank's micro-batches and one optimizer step; losses stay on the device."""
     cfg = run.cfg
     _seed(cfg, run.step, run.world.rank)
     run.engine.train(True)
+    run.stats.start_step()
     micro = math.ceil(len(batch) / cfg.grad_accum_steps)
-    losses = []
     for start in range(0, len(batch), micro):
         part = stages.slice_batch(batch, slice(start, start + micro))
         logits = run.engine.forward(part.images).float()
         loss = stages.loss(cfg.loss, logits, part.to(logits.device), run.engine.module)
-        mean_loss = _all_reduce([loss.item()])[0] / run.world.world_size
-        if not math.isfinite(mean_loss):
-            raise RuntimeError(f"loss is {mean_loss} at step {run.step + 1} (rank {run.world.rank} batch keys: "
-                               f"{part.keys}); stopping. Lower optim.lr or check these samples' labels.")
+        run.stats.add(run.step + 1, loss)
         run.engine.backward_step(loss)
-        losses.append(mean_loss)
-    return float(np.mean(losses))
+    run.stats.end_step(run.step + 1, batch.keys, batch.survey)
 
 
-def _step_record(run: Run, batch: Batch, loss: float, seconds: float, wait: float) -> dict:
-    counts = Counter(run.loader.surveys[int(s)] for s in batch.survey)
-    totals = _all_reduce([counts.get(name, 0) for name in run.loader.surveys])
-    keys_by_rank: list[list[str]] = [[] for _ in range(run.world.world_size)]
-    dist.all_gather_object(keys_by_rank, list(batch.keys))
-    return {"step": run.step, "loss": loss, "lr": run.engine.lr, "grad_norm": run.engine.grad_norm(),
-            "img_per_s": run.cfg.data.global_batch_size / max(seconds, 1e-9),
-            "data_wait_fraction": wait / max(seconds, 1e-9), "step_seconds": seconds,
-            "epoch": run.loader.sampler.epoch,
-            "survey_counts": {name: int(n) for name, n in zip(run.loader.surveys, totals)},
-            "batch_keys_hash": keys_hash(keys_by_rank)}
+def _step_record(run: Run, reduced: dict) -> dict:
+    """The log record of the step just taken: the step reduction's values, timed over the window."""
+    window, seconds = run.window, max(run.window.seconds, 1e-9)
+    return {"step": run.step, "loss": reduced["loss"], "lr": run.engine.lr, "lr_groups": run.engine.group_lrs(),
+            "grad_norm": run.engine.grad_norm(),
+            "img_per_s": run.cfg.data.global_batch_size * window.steps / seconds,
+            "data_wait_fraction": window.wait / seconds, "step_seconds": seconds / max(window.steps, 1),
+            "epoch": run.loader.sampler.epoch, "survey_counts": reduced["survey_counts"],
+            "batch_keys_hash": reduced["batch_keys_hash"]}
 
 
-def save(run: Run, reason: str) -> None:
-    """Collective checkpoint; rank 0 marks it complete and prunes old ones."""
-    tag = checkpoint.tag_for(run.step)
-    client = {"step": run.step, "sampler": run.loader.state_dict()}
-    run.engine.save(checkpoint.checkpoint_root(run.out_dir), tag, client)
-    dist.barrier()
-    if run.world.is_main:
-        checkpoint.write_meta(run.out_dir, tag, {"step": run.step, "sampler": client["sampler"], "reason": reason,
-                                                 "config": to_dict(run.cfg), "schema": run.schema.names,
-                                                 "world_size": run.world.world_size})
-        checkpoint.prune(run.out_dir, run.cfg.keep_checkpoints)
-        run.log.event({"event": "checkpoint", "step": run.step, "tag": tag, "reason": reason})
-    dist.barrier()
+def save(run: Run, reason: str) -> bool:
+    """Collective checkpoint of the step just taken; False when that step is already saved."""
+    return run.checkpointer.save(run.step, {"step": run.step, "sampler": run.loader.state_dict()}, reason)
 
 
 def _install_signal_handlers(run: Run) -> None:
@@ -137,7 +153,31 @@ def _install_signal_handlers(run: Run) -> None:
 
 
 def _stop_requested(run: Run) -> bool:
-    return _all_reduce([float(run.stop_signal)], dist.ReduceOp.MAX)[0] > 0
+    """Collective over host memory (gloo): no device synchronisation."""
+    flag = torch.tensor([run.stop_signal], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=run.control)
+    return int(flag.item()) > 0
+
+
+def _after_step(run: Run, started: float, waited: float) -> dict | None:
+    """Logging, validation and periodic checkpoints after a step; returns validation results if it ran."""
+    cfg, results = run.cfg, None
+    last = run.step == cfg.max_steps
+    checkpoint_due = run.step % cfg.checkpoint_every == 0 and not last
+    logging = run.step % cfg.log_every == 0 or last
+    # The step reduction (the host's one wait for the device): raises on a non-finite loss before any save.
+    reduced = run.stats.reduce() if logging or checkpoint_due else None
+    run.window.steps += 1
+    run.window.seconds += time.perf_counter() - started
+    run.window.wait += waited
+    if logging:
+        run.log.step(_step_record(run, reduced))
+        run.window = Window()
+    if run.step % cfg.val_every == 0 and not last:
+        results = run.validator.run(run.step)
+    if checkpoint_due:
+        save(run, "periodic")
+    return results
 
 
 def train(run: Run) -> dict:
@@ -145,7 +185,7 @@ def train(run: Run) -> dict:
     cfg, results = run.cfg, {}
     _install_signal_handlers(run)
     if cfg.val_at_start and run.step == 0:
-        validate.run_validation(run)
+        run.validator.run(0)
     while run.step < cfg.max_steps:
         stream = iter(run.loader)
         while run.step < cfg.max_steps:
@@ -154,25 +194,22 @@ def train(run: Run) -> dict:
             if batch is None:
                 break  # epoch over: the sampler has rolled over, a new stream starts the next epoch
             waited = time.perf_counter() - started
-            loss = train_step(run, batch)
+            train_step(run, batch)
             run.step += 1
-            if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
-                # Collective (counts and keys from every rank): every rank takes this branch at the same steps.
-                run.log.step(_step_record(run, batch, loss, time.perf_counter() - started, waited))
-            if run.step % cfg.val_every == 0 and run.step < cfg.max_steps:
-                results = validate.run_validation(run)
-            if run.step % cfg.checkpoint_every == 0 and run.step < cfg.max_steps:
-                save(run, "periodic")
+            results = _after_step(run, started, waited) or results
             if _stop_requested(run):
-                save(run, f"signal {run.stop_signal}")
-                run.log.write(f"pre-empted by signal {run.stop_signal}: checkpoint saved at step {run.step}; "
+                run.stats.reduce()  # a non-finite loss since the last reduction must not be checkpointed
+                saved = save(run, f"signal {run.stop_signal}")
+                where = "saved" if saved else "already saved"
+                run.log.write(f"pre-empted by signal {run.stop_signal}: checkpoint {where} at step {run.step}; "
                               "re-run with --resume auto to continue")
                 return {"preempted": True}
         stream.close()
-    results = validate.run_validation(run)
+    results = run.validator.run(run.step)
     save(run, "final")
     if run.world.is_main:
-        stages.export(run, run.engine.fp32_state_dict(checkpoint.checkpoint_root(run.out_dir),
-                                                      checkpoint.tag_for(run.step)), results)
+        weights = run.engine.fp32_state_dict(checkpoint.checkpoint_root(run.out_dir), checkpoint.tag_for(run.step))
+        folder = stages.export(cfg, run.schema, run.step, weights, run.out_dir / "export", results)
+        run.log.event({"event": "export", "step": run.step, "path": str(folder)})
     dist.barrier()
     return results

@@ -11,13 +11,23 @@ from typing import Any
 from tqdm import tqdm
 
 
-def keys_hash(keys_by_rank: list[list[str]]) -> str:
-    """A short hash of a step's global batch keys in rank order, so two runs can be compared step by step."""
-    digest = hashlib.sha256()
-    for keys in keys_by_rank:
-        for key in keys:
-            digest.update(key.encode() + b"\n")
-    return digest.hexdigest()[:16]
+LANE_BITS = 26  # a lane sums < 2**27 keys of 26 bits exactly in float64 (what the step reduction carries)
+
+
+def key_lanes(keys: list[str]) -> tuple[int, int]:
+    """Two sums of per-key hash bits: ranks add their lanes, and any split of a batch adds up to the same lanes."""
+    a = b = 0
+    for key in keys:
+        value = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+        a += value & ((1 << LANE_BITS) - 1)
+        b += (value >> LANE_BITS) & ((1 << LANE_BITS) - 1)
+    return a, b
+
+
+def keys_hash(lanes: tuple[int, int]) -> str:
+    """A short hash of a global batch's keys (as a set, whatever the world size) from its summed key_lanes, so
+    two runs can be compared step by step."""
+    return hashlib.sha256(f"{int(lanes[0])}:{int(lanes[1])}".encode()).hexdigest()[:16]
 
 
 class RunLog:
@@ -45,6 +55,9 @@ class RunLog:
             value = record.get(name)
             if self._tb is not None and isinstance(value, (int, float)) and math.isfinite(value):
                 self._tb.add_scalar(f"train/{name}", value, record["step"])
+        if self._tb is not None:
+            for group, value in record.get("lr_groups", {}).items():
+                self._tb.add_scalar(f"lr/{group}", value, record["step"])
         self._bar.update(record["step"] - self._bar.n)
         self._bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 from safetensors.torch import load_file
 
@@ -20,9 +18,6 @@ from sharding.schema import FeatureSchema
 from sharding.writer import sha256_of
 from train import checkpoint
 from train.config import TrainConfig
-
-if TYPE_CHECKING:
-    from train.loop import Run
 
 
 def build(cfg: TrainConfig, schema: FeatureSchema) -> tuple[MorphologyModel, int]:
@@ -75,20 +70,18 @@ def provenance(cfg: TrainConfig, step: int, val_results: dict | None = None) -> 
             "val_metrics": summary, "config": to_dict(cfg), "git_commit": checkpoint.git_commit()}
 
 
-def export(run: Run, state_dict: dict[str, torch.Tensor], val_results: dict | None = None) -> Path | None:
-    """Rank 0 writes <out_dir>/export (safetensors + config + schema + provenance) from consolidated fp32 weights."""
-    if not run.world.is_main:
-        return None
-    model = run.engine.module
+def export(cfg: TrainConfig, schema: FeatureSchema, step: int, state_dict: dict[str, torch.Tensor], folder: Path,
+           val_results: dict | None = None) -> Path:
+    """<folder> (safetensors + config + schema + provenance) from the consolidated fp32 weights of the run's model.
+
+    The weights go into a freshly built fp32 model of the stage; LoRA adapters are merged there, in fp32.
+    """
+    model, _ = build(cfg, schema)
     if is_lora(model):
-        # The fp32 state dict has peft's key names: load it into the LoRA model, then merge to plain weights.
+        # The state dict has peft's key names: load it into the LoRA model, then merge to plain weights.
         model.load_state_dict(state_dict, strict=True)
-        model = merge_lora(model)
-        state_dict = None
-    folder = save_export(model, run.out_dir / "export", state_dict=state_dict,
-                         metadata=provenance(run.cfg, run.step, val_results))
-    run.log.event({"event": "export", "step": run.step, "path": str(folder)})
-    return folder
+        model, state_dict = merge_lora(model), None
+    return save_export(model, folder, state_dict=state_dict, metadata=provenance(cfg, step, val_results))
 
 
 def initial_export(cfg: TrainConfig, schema: FeatureSchema, folder: Path) -> Path:
