@@ -28,25 +28,26 @@ MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
 STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
 
 
-def make_shards(root: Path, num_galaxies: int) -> None:
+def make_shards(root: Path, num_galaxies: int, workers: int = 2) -> None:
     from sharding import build
     from sharding.mock import main as mock_main
     from sharding.registry import load_survey
     for survey in SURVEYS:
         raw = root / "raw" / survey
         mock_main(["--survey", survey, "--num-galaxies", str(num_galaxies), "--out", str(raw), "--no-progress",
-                   "--workers", "2"])
+                   "--workers", str(workers)])
         build.main(["--survey", survey, "--catalog", str(raw / Path(load_survey(survey).catalog).name),
                     "--images", str(raw / "images"), "--out", str(root / "shards"), "--image-size", "256",
-                    "--samples-per-shard", "200", "--workers", "2", "--no-progress"])
+                    "--samples-per-shard", "200", "--workers", str(workers), "--no-progress"])
 
 
-def ours(shards: Path, backend: str, workers: int, augment: bool, batch: int, device: str) -> tuple[int, float]:
+def ours(shards: Path, backend: str, workers: int, augment: bool, batch: int, device: str,
+         threads: int = 2) -> tuple[int, float]:
     counts = {s.name: s.num_samples for s in load_shard_root(shards, list(SURVEYS))}
     mix = MixConfig(ratios="sdss=0.33,decals=0.33,hst=0.34", global_batch_size=batch,
                     epoch_samples=min(counts.values()) * 3 // batch * batch, on_exhausted="repeat")
     cfg = LoaderConfig(shard_root=str(shards), backend=backend, image_size=224, num_workers=workers,
-                       num_threads=2, device=device, augment=AugmentConfig(enabled=augment))
+                       num_threads=threads, device=device, augment=AugmentConfig(enabled=augment))
     loader = build_loader(cfg, mix)
     try:
         start, n = time.perf_counter(), 0
@@ -73,13 +74,13 @@ def plain_webdataset(shards: Path, batch: int) -> tuple[int, float]:
     return n, time.perf_counter() - start
 
 
-def dali_reader(shards: Path, batch: int, device: str) -> tuple[int, float]:
+def dali_reader(shards: Path, batch: int, device: str, threads: int = 2) -> tuple[int, float]:
     """DALI's own fn.readers.webdataset with our index files: no mixing, no random access, same decode/resize."""
     from nvidia.dali import fn, pipeline_def, types
     paths = sorted(str(p) for s in SURVEYS for p in (shards / s).glob(f"{s}-train-*.tar"))
     total = sum(int(Path(p).with_suffix(".idx").read_text().split()[1]) for p in paths)
 
-    @pipeline_def(batch_size=batch, num_threads=2, device_id=0 if device == "gpu" else None)
+    @pipeline_def(batch_size=batch, num_threads=threads, device_id=0 if device == "gpu" else None)
     def pipe():
         jpg = fn.readers.webdataset(paths=paths, index_paths=[p[:-4] + ".idx" for p in paths], ext=["jpg"],
                                     random_shuffle=False, name="reader")

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU benchmark on one machine with an NVIDIA GPU and no package index (docs/BENCHMARKS.md, "GPU").
+#
+#   bash bench/gpu.sh [WHEEL_DIR] [bench/gpu.py options...]
+#
+# WHEEL_DIR holds wheels for what the machine lacks beside torch, transformers, peft, pyarrow, pandas, scipy and
+# matplotlib: deepspeed, astropy, webdataset, zarr, pytest and their dependencies (64 MiB at most; see
+# docs/BENCHMARKS.md for the command that makes it), plus an nvidia_dali_cuda*.whl when there is room for its
+# ~424 MB. They are installed with `pip install --no-index`. Then bench/gpu.py runs the gpu-marked tests, ViT-B/14
+# bf16 ZeRO-2 training, evaluation and DALI, prints one table and writes bench/results/gpu.json.
+# Without a GPU (a dry check of this script) the GPU parts run their code paths on the CPU, tiny, marked "smoke".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+WHEELS=""
+if [[ $# -gt 0 && $1 != -* ]]; then
+  WHEELS=$1
+  shift
+fi
+started=$(date +%s)
+
+missing=()
+for spec in deepspeed:deepspeed astropy:astropy webdataset:webdataset zarr:zarr pytest:pytest; do
+  "$PY" -c "import ${spec%%:*}" 2>/dev/null || missing+=("${spec#*:}")
+done
+if ((${#missing[@]})); then
+  if [[ -z $WHEELS || ! -d $WHEELS ]]; then
+    echo "error: missing ${missing[*]} and no wheel folder given (bash bench/gpu.sh WHEEL_DIR)" >&2
+    exit 2
+  fi
+  echo "installing ${missing[*]} from $WHEELS ($(du -sm --exclude='nvidia_dali*' "$WHEELS" | cut -f1) MiB without DALI)"
+  "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" "${missing[@]}"
+fi
+if ! "$PY" -c "import nvidia.dali" 2>/dev/null; then
+  dali=$(ls "${WHEELS:-/nonexistent}"/nvidia_dali_cuda*.whl 2>/dev/null | head -n 1 || true)
+  if [[ -n $dali ]]; then
+    "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" "$dali"
+  else
+    echo "note: no nvidia-dali installed and no nvidia_dali_cuda*.whl in ${WHEELS:-the (absent) wheel folder}:" \
+         "the DALI rows are skipped, evaluation decodes with torch"
+  fi
+fi
+
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+smoke=()
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "no CUDA GPU: a dry check; the GPU parts run tiny on the CPU and their numbers are not measurements"
+  smoke=(--smoke)
+fi
+# Eight minutes in all: what the installs took comes off bench/gpu.py's budget.
+budget=$((450 - ($(date +%s) - started)))
+"$PY" bench/gpu.py "${smoke[@]}" --budget-s "$budget" "$@"
