@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,9 +11,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from loaders.augment import CONTRAST_CENTER
 from loaders.sampler import epoch_length
-
-if TYPE_CHECKING:
-    from loaders.loader import BatchSource, LoaderConfig, PreparedBatch
+from loaders.source import BatchSource, LoaderConfig, PreparedBatch
 
 DecodedBatch = tuple[int, torch.Tensor, np.ndarray, list[str], np.ndarray]
 

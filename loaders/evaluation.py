@@ -14,7 +14,7 @@ import torch
 
 from loaders.augment import AugmentConfig, SampleDraw, apply_plan, make_plan
 from loaders.batch import Batch, label_arrays, make_batch
-from loaders.loader import LoaderConfig, PreparedBatch, check_image
+from loaders.source import LoaderConfig, PreparedBatch, check_image
 from loaders.shards import SampleReader, SurveyShards, load_survey_shards
 from loaders.torch_backend import decode_image
 
