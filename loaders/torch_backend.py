@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from loaders.augment import apply_plan
-
-if TYPE_CHECKING:
-    from loaders.loader import BatchSource, LoaderConfig
+from loaders.augment import AugmentConfig, SampleDraw, SamplePlan, adjust, apply_plan, grid_permutation, make_plan
+from loaders.source import BatchSource, LoaderConfig
 
 DecodedBatch = tuple[int, torch.Tensor, np.ndarray, list[str], np.ndarray]
 
@@ -26,13 +23,42 @@ def decode_image(data: bytes) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(2, 0, 1).to(torch.float32)
 
 
+class ResizeCache:
+    """Plainly resized images by sample ref, within a memory budget, for one loading process.
+
+    A plan that only turns or flips the plain resize (grid_permutation: right-angle rotations and flips, no
+    crop, no degradation) needs no decode and no resampling once its sample's resized image is cached: its
+    pixels are those of apply_plan up to float rounding. Other plans run apply_plan as always.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.num_bytes = max_bytes, 0
+        self.images: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def image(self, ref: tuple[int, int, int], data: bytes, plan: SamplePlan, size: int) -> torch.Tensor:
+        grid = grid_permutation(plan, size) if self.max_bytes else None
+        if grid is None:
+            return apply_plan(decode_image(data), plan, size)
+        plain = self.images.get(ref)
+        if plain is None:
+            plain = apply_plan(decode_image(data), make_plan(_PLAIN, SampleDraw(), plan.src_hw, size, ""), size)
+            if self.num_bytes + plain.nbytes <= self.max_bytes:
+                self.images[ref] = plain
+                self.num_bytes += plain.nbytes
+        rows, cols = grid
+        return adjust(plain[:, rows, cols], plan)
+
+
+_PLAIN = AugmentConfig(enabled=False)
+
+
 class EpochBatches(IterableDataset):
     """The rest of one epoch for one rank; DataLoader worker k of K yields batches k, k + K, ..."""
 
     def __init__(self, source: BatchSource, epoch: int, start_sample: int, mean: tuple[float, ...],
-                 std: tuple[float, ...]) -> None:
+                 std: tuple[float, ...], cache: ResizeCache) -> None:
         super().__init__()
-        self.source, self.epoch, self.start_sample = source, epoch, start_sample
+        self.source, self.epoch, self.start_sample, self.cache = source, epoch, start_sample, cache
         # Same arithmetic as DALI's crop_mirror_normalize: mean and std in 0..255 units.
         self.mean = torch.tensor([255.0 * m for m in mean]).view(3, 1, 1)
         self.std = torch.tensor([255.0 * s for s in std]).view(3, 1, 1)
@@ -43,8 +69,8 @@ class EpochBatches(IterableDataset):
         size = self.source.image_size
         for batch_index, refs in self.source.rank_batches(self.epoch, self.start_sample, worker_id, num_workers):
             prepared = self.source.prepare(self.epoch, batch_index, refs)
-            images = torch.stack([(apply_plan(decode_image(data), plan, size) - self.mean) / self.std
-                                  for data, plan in zip(prepared.data, prepared.plans)])
+            images = torch.stack([(self.cache.image(tuple(ref), data, plan, size) - self.mean) / self.std
+                                  for ref, data, plan in zip(prepared.refs.tolist(), prepared.data, prepared.plans)])
             yield batch_index, images, prepared.refs, prepared.keys, prepared.num_skipped
 
 
@@ -58,10 +84,14 @@ class TorchBackend:
 
     def __init__(self, source: BatchSource, cfg: LoaderConfig) -> None:
         self.source, self.cfg = source, cfg
+        self.cache = ResizeCache(cfg.resize_cache_mb << 20)
 
     def iter_epoch(self, epoch: int, start_sample: int) -> Iterator[DecodedBatch]:
-        dataset = EpochBatches(self.source, epoch, start_sample, self.cfg.mean, self.cfg.std)
         workers = self.cfg.num_workers
+        # In-process loading keeps one cache for the whole run; a worker process (new every epoch) gets an empty
+        # one rather than a pickled copy.
+        cache = self.cache if workers == 0 else ResizeCache(self.cache.max_bytes)
+        dataset = EpochBatches(self.source, epoch, start_sample, self.cfg.mean, self.cfg.std, cache)
         # batch_size=None: the dataset yields whole batches, and the DataLoader takes them from its
         # workers round-robin - the order iter_rank_batches dealt them in.
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from loaders.augment import AugmentConfig, SampleDraw, draw_batch, make_plan
-from loaders.loader import CorruptSample, LoaderConfig, build_loader, check_image
+from loaders.loader import LoaderConfig, build_loader
+from loaders.source import CorruptSample, check_image
 from loaders.sampler import MixConfig, global_order, rank_batch_indices
 from loaders.shards import load_shard_root
 from sharding.config import from_dict
@@ -109,6 +110,22 @@ def test_worker_processes_change_nothing(shard_root, backend):
     assert [b.keys for b in workers] == [b.keys for b in in_process] == expected_keys(shard_root)
     for a, b in zip(in_process, workers):
         torch.testing.assert_close(a.images, b.images, rtol=0, atol=1e-5)
+
+
+def test_resize_cache_reuses_resized_images_without_changing_a_pixel(shard_root):
+    turns = AugmentConfig(enabled=True, rotation_step_deg=90.0, crop_scale=(1.0, 1.0))
+    cfg = make_config(shard_root, "torch", augment=turns)
+    uncached, cached = build_loader(cfg, MIX), build_loader(replace(cfg, resize_cache_mb=16), MIX)
+    try:
+        for _ in range(2):  # the second epoch reads samples the first one cached
+            for a, b in zip(uncached, cached, strict=True):
+                assert a.keys == b.keys
+                torch.testing.assert_close(a.images, b.images, rtol=0, atol=1e-4)
+        cache = cached._backend.cache
+        assert 0 < len(cache.images) < 2 * len(cached) * MIX.global_batch_size  # reused, not re-read
+    finally:
+        uncached.close()
+        cached.close()
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])

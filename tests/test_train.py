@@ -86,7 +86,9 @@ def test_single_process_tiny_run_logs_checkpoints_and_exports(shard_root, tmp_pa
     import torch
     from models.io import load_export
     out = tmp_path / "run"
-    _run(_command(1, out, 4, _overrides(shard_root, checkpoint_every=2, val_every=2)))
+    printed = _run(_command(1, out, 4, _overrides(shard_root, checkpoint_every=2, val_every=2)))
+    # tiny.yaml trains the head stage on a random backbone: the run says what that can and cannot learn.
+    assert "stage 'head' freezes a randomly initialised backbone" in printed.stdout + printed.stderr
     steps = _steps(out)
     assert sorted(steps) == [1, 2, 3, 4]
     for record in steps.values():
@@ -223,8 +225,9 @@ def test_head_stage_on_a_local_pretrained_folder_keeps_its_backbone(shard_root, 
     source = Dinov2Model(dinov2_config(load_model_config("tiny").backbone))
     source.save_pretrained(tmp_path / "dinov2-tiny")
     out = tmp_path / "run"
-    _run(_command(1, out, 2, _overrides(shard_root, stage="head")
-                  + [f"model_overrides=[pretrained={tmp_path / 'dinov2-tiny'}]"]))
+    printed = _run(_command(1, out, 2, _overrides(shard_root, stage="head")
+                        + [f"model_overrides=[pretrained={tmp_path / 'dinov2-tiny'}]"]))
+    assert "randomly initialised backbone" not in printed.stdout + printed.stderr
     exported = load_file(out / "export" / "model.safetensors")
     for name, tensor in source.state_dict().items():
         assert torch.equal(exported[f"backbone.{name}"], tensor), name

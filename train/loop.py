@@ -106,6 +106,10 @@ def setup(cfg: TrainConfig, world: World, resume: str | None) -> Run:
     validator = Validator(cfg, engine, loader.surveys, schema.names, world, on_results)
     stats = StepStats(engine.device, world.rank, world.world_size, loader.surveys)
     log.write(f"mix (normalised shares of every global batch of {mix.global_batch_size}): {format_shares(mix.ratios)}")
+    if cfg.stage == "head" and not (model.config.pretrained or cfg.init_from):
+        log.write("warning: stage 'head' freezes a randomly initialised backbone (model.pretrained and init_from "
+                  "are unset), so only a head on random features learns; train from scratch with stage 'full' "
+                  "(configs/train/cpu.yaml) or point model.pretrained at DINOv2 weights")
     if plan is not None:
         how = f", converted from {plan.saved_world_size} processes" if plan.universal else ""
         log.write(f"resumed from {plan.tag} at step {step}{how} (sampler epoch {loader.sampler.epoch}, "

@@ -1,0 +1,100 @@
+"""Augmentation geometry and filters, without shards: what a morphology label may and may not see change."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import correlate1d
+
+from loaders.augment import (AugmentConfig, SampleDraw, adjust, apply_plan, draw_batch, gaussian_blur, grid_permutation,
+                             make_plan)
+
+
+def _blob(size: int = 256, sigma_x: float = 24.0, sigma_y: float = 24.0) -> torch.Tensor:
+    """A centred Gaussian galaxy on black sky, (3, size, size) in 0..255."""
+    ys, xs = torch.meshgrid(torch.arange(size) + 0.5 - size / 2, torch.arange(size) + 0.5 - size / 2, indexing="ij")
+    light = 250.0 * torch.exp(-0.5 * ((xs / sigma_x) ** 2 + (ys / sigma_y) ** 2))
+    return light.expand(3, size, size).clone()
+
+
+def _axis_ratio(image: torch.Tensor) -> float:
+    """b/a from the second moments of the light: 1 for a round galaxy, whatever its size or position."""
+    light = image.mean(dim=0).double()
+    light = light - light.min()  # contrast jitter lifts the sky: only the galaxy's light has a shape
+    ys, xs = torch.meshgrid(torch.arange(light.shape[0]), torch.arange(light.shape[1]), indexing="ij")
+    total = light.sum()
+    mx, my = (light * xs).sum() / total, (light * ys).sum() / total
+    cxx, cyy = (light * (xs - mx) ** 2).sum() / total, (light * (ys - my) ** 2).sum() / total
+    cxy = (light * (xs - mx) * (ys - my)).sum() / total
+    eig = torch.linalg.eigvalsh(torch.tensor([[cxx, cxy], [cxy, cyy]]))
+    return float(torch.sqrt(eig[0] / eig[1]))
+
+
+def test_default_augmentation_keeps_a_round_galaxy_round():
+    # The axis ratio is a label (how-rounded, edge-on): no default augmentation may stretch one axis.
+    cfg = AugmentConfig(enabled=True)
+    image = _blob()
+    ratios = [_axis_ratio(apply_plan(image, make_plan(cfg, draw, (256, 256), 64, "sdss"), 64))
+              for draw in draw_batch(cfg, seed=0, epoch=0, batch_index=0, global_batch_size=64, positions=slice(0, 64))]
+    assert min(ratios) > 0.97, sorted(ratios)[:5]
+
+
+def test_default_augmentation_keeps_an_elongated_galaxy_s_axis_ratio():
+    cfg = AugmentConfig(enabled=True)
+    image = _blob(sigma_x=12.0, sigma_y=5.0)
+    expected = _axis_ratio(apply_plan(image, make_plan(AugmentConfig(), SampleDraw(), (256, 256), 64, "sdss"), 64))
+    ratios = [_axis_ratio(apply_plan(image, make_plan(cfg, draw, (256, 256), 64, "sdss"), 64))
+              for draw in draw_batch(cfg, seed=1, epoch=0, batch_index=0, global_batch_size=32, positions=slice(0, 32))]
+    assert max(abs(r - expected) for r in ratios) < 0.03, (expected, ratios)
+
+
+def test_right_angle_rotations_are_exact_pixel_permutations():
+    cfg = AugmentConfig(enabled=True, rotation_step_deg=90.0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0),
+                        brightness=0.0, contrast=0.0)
+    image = torch.rand(3, 64, 64) * 255
+    draws = draw_batch(cfg, seed=0, epoch=0, batch_index=0, global_batch_size=32, positions=slice(0, 32))
+    assert {d.angle_deg % 360 for d in draws} == {0.0, 90.0, 180.0, 270.0}
+    for draw in draws:
+        out = apply_plan(image, make_plan(cfg, draw, (64, 64), 64, "hst"), 64)
+        # Output pixel -> flipped about the window centre -> rotated into the image: the flip of the rotation.
+        expected = torch.rot90(image, round(draw.angle_deg / 90) % 4, dims=(1, 2))
+        expected = expected.flip(2) if draw.hflip else expected
+        expected = expected.flip(1) if draw.vflip else expected
+        assert torch.allclose(out, expected, atol=1e-3), draw
+
+
+def test_rotation_step_rounds_the_same_draws():
+    # Rounding keeps every other column: a run that turns right angles on sees the same flips and crops.
+    cont = draw_batch(AugmentConfig(enabled=True), 3, 1, 2, 16, slice(0, 16))
+    step = draw_batch(AugmentConfig(enabled=True, rotation_step_deg=90.0), 3, 1, 2, 16, slice(0, 16))
+    assert [d.angle_deg for d in step] == [90.0 * round(d.angle_deg / 90.0) for d in cont]
+    assert [(d.hflip, d.crop_u, d.brightness) for d in step] == [(d.hflip, d.crop_u, d.brightness) for d in cont]
+    with pytest.raises(ValueError, match="rotation_step_deg"):
+        AugmentConfig(rotation_step_deg=-90.0)
+
+
+@pytest.mark.parametrize("sigma", [0.4, 1.58, 3.0])
+def test_gaussian_blur_is_the_reflect_101_separable_kernel(sigma):
+    image = torch.rand(3, 37, 50) * 255
+    radius = int(np.ceil(3 * sigma))
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    kernel /= kernel.sum()
+    # scipy's "mirror" mode is reflect-101 (d c b | a b c d | c b a), DALI's border for its blur.
+    expected = correlate1d(correlate1d(image.double().numpy(), kernel, axis=1, mode="mirror"), kernel, axis=2,
+                           mode="mirror")
+    assert np.allclose(gaussian_blur(image, sigma).numpy(), expected, atol=1e-3)
+
+
+def test_grid_permutation_reorders_the_plain_resize_exactly_and_only_for_right_angles():
+    image = torch.rand(3, 96, 96) * 255
+    plain = apply_plan(image, make_plan(AugmentConfig(), SampleDraw(), (96, 96), 32, "sdss"), 32)
+    turns = AugmentConfig(enabled=True, rotation_step_deg=90.0, crop_scale=(1.0, 1.0))
+    for draw in draw_batch(turns, seed=2, epoch=0, batch_index=0, global_batch_size=16, positions=slice(0, 16)):
+        plan = make_plan(turns, draw, (96, 96), 32, "sdss")
+        rows, cols = grid_permutation(plan, 32)
+        assert torch.allclose(adjust(plain[:, rows, cols], plan), apply_plan(image, plan, 32), atol=1e-3)
+    # Any other angle, a crop or a degradation samples elsewhere: no reuse.
+    for cfg in (AugmentConfig(enabled=True, crop_scale=(1.0, 1.0)),
+                AugmentConfig(enabled=True, rotation_step_deg=90.0, crop_scale=(0.8, 0.8)),
+                AugmentConfig(enabled=True, rotation_step_deg=90.0, crop_scale=(1.0, 1.0), degrade_prob=1.0)):
+        draws = draw_batch(cfg, seed=2, epoch=0, batch_index=0, global_batch_size=8, positions=slice(0, 8))
+        assert all(grid_permutation(make_plan(cfg, d, (96, 96), 32, "sdss"), 32) is None for d in draws), cfg
