@@ -179,11 +179,18 @@ def make_plan(cfg: AugmentConfig, draw: SampleDraw, src_hw: tuple[int, int], out
         noise_rng = np.random.default_rng([draw.noise_seed, AUGMENT_STREAM])
         noise = (noise_rng.standard_normal((*small_hw, 3), dtype=np.float32) * np.float32(draw.noise_std))
         matrix = _scale_matrix(small_hw[1] / w, small_hw[0] / h) @ np.vstack([matrix, [0, 0, 1]])
-    shrink = float(np.linalg.norm(matrix[:, :2].astype(np.float64), 2))  # input pixels per output pixel
+    shrink = _spectral_norm(matrix[:, :2])  # input pixels per output pixel
     return SamplePlan(degrade=degrade, degrade_sigma=max(degrade_sigma, MIN_SIGMA), small_hw=small_hw,
                       down_matrix=down.astype(np.float32), noise=noise, prefilter_sigma=antialias_sigma(shrink),
                       matrix=matrix.astype(np.float32), brightness=draw.brightness, contrast=draw.contrast,
                       src_hw=(h, w))
+
+
+def _spectral_norm(m: np.ndarray) -> float:
+    """Largest singular value of a 2 x 2 matrix in closed form (np.linalg.norm(m, 2) runs an SVD: 10x slower)."""
+    (a, b), (c, d) = np.asarray(m, dtype=np.float64).tolist()
+    frob2, det = a * a + b * b + c * c + d * d, a * d - b * c
+    return math.sqrt(max(0.0, (frob2 + math.sqrt(max(0.0, frob2 * frob2 - 4.0 * det * det))) / 2.0))
 
 
 MIN_PREFILTER_SIGMA = 0.35
@@ -286,9 +293,13 @@ def _grid_permutation(matrix: tuple[float, ...], src_hw: tuple[int, int], out_si
 def warp_affine(image: torch.Tensor, matrix: np.ndarray, out_hw: tuple[int, int]) -> torch.Tensor:
     """Bilinear warp with clamped borders, as DALI's fn.warp_affine without fill_value."""
     _, h, w = image.shape
-    out_h, out_w = out_hw
-    ys, xs = torch.meshgrid(torch.arange(out_h, dtype=torch.float64) + 0.5,
-                            torch.arange(out_w, dtype=torch.float64) + 0.5, indexing="ij")
+    flips = _window_flips(matrix, (h, w), out_hw)
+    if flips is not None:
+        # The whole image scaled (and maybe flipped): F.interpolate samples the same points as the warp (pixel
+        # centres, clamped borders) 2x faster than grid_sample; a flipped window is the flipped output.
+        out = F.interpolate(image[None], size=out_hw, mode="bilinear", align_corners=False)[0]
+        return out.flip(flips) if flips else out
+    xs, ys = _pixel_centres(out_hw)
     m = torch.from_numpy(np.asarray(matrix, dtype=np.float64))
     src_x = m[0, 0] * xs + m[0, 1] * ys + m[0, 2]
     src_y = m[1, 0] * xs + m[1, 1] * ys + m[1, 2]
@@ -296,6 +307,27 @@ def warp_affine(image: torch.Tensor, matrix: np.ndarray, out_hw: tuple[int, int]
     grid = torch.stack([src_x * (2.0 / w) - 1.0, src_y * (2.0 / h) - 1.0], dim=-1).to(torch.float32)
     return F.grid_sample(image[None], grid[None], mode="bilinear", padding_mode="border",
                          align_corners=False)[0]
+
+
+@functools.lru_cache(maxsize=16)
+def _pixel_centres(out_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    ys, xs = torch.meshgrid(torch.arange(out_hw[0], dtype=torch.float64) + 0.5,
+                            torch.arange(out_hw[1], dtype=torch.float64) + 0.5, indexing="ij")
+    return xs, ys
+
+
+def _window_flips(matrix: np.ndarray, src_hw: tuple[int, int], out_hw: tuple[int, int]) -> list[int] | None:
+    """The dims to flip when `matrix` maps the output onto the whole (h, w) image, mirrored or not; else None."""
+    (a, b, c), (d, e, f) = np.asarray(matrix, dtype=np.float64)
+    (h, w), (out_h, out_w) = src_hw, out_hw
+    sx, sy = w / out_w, h / out_h
+    tol = 1e-5 * max(w, h)  # plans hold float32 matrices: sampling points within 1e-5 px of the warp's
+    if abs(b) > tol or abs(d) > tol or abs(abs(a) - sx) > 1e-6 * sx or abs(abs(e) - sy) > 1e-6 * sy:
+        return None
+    # Unflipped: the output's left edge maps to 0; flipped (a < 0): to w.
+    if abs(c - (w if a < 0 else 0.0)) > tol or abs(f - (h if e < 0 else 0.0)) > tol:
+        return None
+    return [dim for dim, flipped in ((2, a < 0), (1, e < 0)) if flipped]
 
 
 def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -19,8 +19,12 @@ DecodedBatch = tuple[int, torch.Tensor, np.ndarray, list[str], np.ndarray]
 def decode_image(data: bytes) -> torch.Tensor:
     """Encoded 8-bit image -> (3, H, W) float32 in 0..255 (grey images are repeated to RGB)."""
     with Image.open(io.BytesIO(data)) as image:
-        pixels = np.array(image.convert("RGB"))  # a writable copy for torch
-    return torch.from_numpy(pixels).permute(2, 0, 1).to(torch.float32)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        pixels = np.asarray(image)
+    # Converted in PIL's pixel order and viewed as CHW (channels-last strides): one pass instead of a transposing
+    # copy, and F.interpolate's channels-last kernel is the faster one on CPU.
+    return torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1)
 
 
 class ResizeCache:
@@ -69,8 +73,10 @@ class EpochBatches(IterableDataset):
         size = self.source.image_size
         for batch_index, refs in self.source.rank_batches(self.epoch, self.start_sample, worker_id, num_workers):
             prepared = self.source.prepare(self.epoch, batch_index, refs)
-            images = torch.stack([(self.cache.image(tuple(ref), data, plan, size) - self.mean) / self.std
-                                  for ref, data, plan in zip(prepared.refs.tolist(), prepared.data, prepared.plans)])
+            images = torch.empty(len(prepared.data), 3, size, size)
+            for i, (ref, data, plan) in enumerate(zip(prepared.refs.tolist(), prepared.data, prepared.plans)):
+                torch.sub(self.cache.image(tuple(ref), data, plan, size), self.mean, out=images[i])
+            images.div_(self.std)
             yield batch_index, images, prepared.refs, prepared.keys, prepared.num_skipped
 
 

@@ -98,3 +98,35 @@ def test_grid_permutation_reorders_the_plain_resize_exactly_and_only_for_right_a
                 AugmentConfig(enabled=True, rotation_step_deg=90.0, crop_scale=(1.0, 1.0), degrade_prob=1.0)):
         draws = draw_batch(cfg, seed=2, epoch=0, batch_index=0, global_batch_size=8, positions=slice(0, 8))
         assert all(grid_permutation(make_plan(cfg, d, (96, 96), 32, "sdss"), 32) is None for d in draws), cfg
+
+
+def _scipy_warp(image: torch.Tensor, matrix: np.ndarray, out: int) -> np.ndarray:
+    """Bilinear sampling with clamped borders at the output pixel centres' source positions (scipy)."""
+    from scipy.ndimage import map_coordinates
+    ys, xs = np.meshgrid(np.arange(out) + 0.5, np.arange(out) + 0.5, indexing="ij")
+    src_x = matrix[0, 0] * xs + matrix[0, 1] * ys + matrix[0, 2] - 0.5  # edge coordinates -> pixel indices
+    src_y = matrix[1, 0] * xs + matrix[1, 1] * ys + matrix[1, 2] - 0.5
+    return np.stack([map_coordinates(c.double().numpy(), [src_y, src_x], order=1, mode="nearest") for c in image])
+
+
+@pytest.mark.parametrize("case", ["down", "up", "hflip", "vflip", "both", "crop", "rotate"])
+def test_warp_affine_samples_where_scipy_does(case):
+    from loaders.augment import warp_affine
+    h, w, out = 50, 40, 32
+    image = torch.rand(3, h, w) * 255
+    sx, sy = w / out, h / out
+    matrix = {"down": [[sx, 0, 0], [0, sy, 0]], "up": [[w / 64, 0, 0], [0, h / 64, 0]],
+              "hflip": [[-sx, 0, w], [0, sy, 0]], "vflip": [[sx, 0, 0], [0, -sy, h]],
+              "both": [[-sx, 0, w], [0, -sy, h]], "crop": [[0.8 * sx, 0, 3.3], [0, 0.8 * sy, 1.7]],
+              "rotate": [[0, -sx, w], [sy, 0, 0]]}[case]
+    size = 64 if case == "up" else out
+    matrix = np.array(matrix, dtype=np.float64)
+    got = warp_affine(image, matrix, (size, size)).numpy()
+    np.testing.assert_allclose(got, _scipy_warp(image, matrix, size), atol=2e-3)
+
+
+def test_spectral_norm_is_numpy_s():
+    from loaders.augment import _spectral_norm
+    rng = np.random.default_rng(0)
+    for m in [*rng.normal(size=(200, 2, 2)), np.eye(2), np.zeros((2, 2)), np.array([[0.0, -2.0], [1.5, 0.0]])]:
+        assert _spectral_norm(m) == pytest.approx(np.linalg.norm(m, 2), rel=1e-9, abs=1e-12)

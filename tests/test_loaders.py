@@ -308,6 +308,47 @@ def test_check_image_catches_damage_before_decoding(shard_root):
             check_image(damaged, "jpg")
 
 
+def _pil_header(data: bytes) -> tuple[int, int] | None:
+    """PIL's verdict: (height, width) of a readable 8-bit RGB or grey JPEG header, else None."""
+    import io
+
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return (image.height, image.width) if image.mode in ("RGB", "L") and image.format == "JPEG" else None
+    except Exception:  # noqa: BLE001 - any failure is a refusal
+        return None
+
+
+def test_jpeg_header_walk_agrees_with_pil():
+    import io
+
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    samples = []
+    for mode, size, kwargs in [("RGB", (64, 48), {}), ("L", (31, 77), {}), ("RGB", (200, 120), {"progressive": True}),
+                               ("RGB", (17, 9), {"quality": 30, "subsampling": 0}), ("CMYK", (20, 20), {}),
+                               ("RGB", (40, 40), {"exif": b"Exif\x00\x00" + bytes(300)})]:
+        buf = io.BytesIO()
+        pixels = rng.integers(0, 255, (size[1], size[0], len(mode) if mode != "L" else 1), dtype=np.uint8)
+        Image.fromarray(pixels.squeeze(), mode).save(buf, format="JPEG", **kwargs)
+        samples.append(buf.getvalue())
+    damaged = []
+    for data in samples[:4]:
+        sof = data.index(b"\xff\xc0") if b"\xff\xc0" in data else data.index(b"\xff\xc2")
+        damaged += [data[:sof + 5] + data[-2:],  # the frame header cut short
+                    data[:2] + b"\x00" + data[3:],  # no marker after SOI
+                    data[:sof + 9] + b"\x04" + data[sof + 10:],  # 4 components announced, 3 listed
+                    data[:sof] + data[sof + 2 + int.from_bytes(data[sof + 2:sof + 4], "big"):]]  # no frame header
+    for data in samples + damaged:
+        expected = _pil_header(data)
+        if expected is None:
+            with pytest.raises(CorruptSample):
+                check_image(data, "jpg")
+        else:
+            assert check_image(data, "jpg") == expected
+
+
 @pytest.mark.gpu
 def test_dali_gpu_decode_matches_cpu(shard_root):
     cpu_cfg = make_config(shard_root, "dali", augment=AUGMENT)
