@@ -64,8 +64,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+_STARTED = time.perf_counter()
+
+
 def _step(title: str) -> None:
-    print(f"\n=== {title} ===", flush=True)
+    """A stage banner with the time since the demo started, so a user sees where the minutes go."""
+    elapsed = time.perf_counter() - _STARTED
+    print(f"\n=== [{int(elapsed // 60)}:{int(elapsed % 60):02d}] {title} ===", flush=True)
 
 
 def make_shards(out: Path, num_galaxies: int, args: argparse.Namespace) -> Path:
@@ -167,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     preset = QUICK if args.quick else FULL
     out = Path(args.out)
-    started = time.perf_counter()
+    global _STARTED
+    started = _STARTED = time.perf_counter()
     try:
         shards = make_shards(out, args.num_galaxies or preset["num_galaxies"], args)
         steps = args.train_steps or preset["train_steps"]
