@@ -136,13 +136,17 @@ class Cluster:
         raise TimeoutError(f"job {job} still {info.get('JobState')} after {timeout} s: {info}")
 
     def release_requeued(self, job: str, timeout: float = 240) -> None:
-        """Start a requeued job now: slurmctld holds requeued jobs for ~2 minutes (BeginTime), as it should on a
-        busy cluster, which would only make the tests wait."""
+        """Start a requeued job soon: slurmctld holds requeued jobs for ~2 minutes (BeginTime), as it should on a
+        busy cluster, which would only make the tests wait.
+
+        Not at once: slurmd revokes the killed attempt's job credential with one-second resolution and refuses
+        ("Job credential revoked", the job then FAILS) a relaunch within the same second; 3 s is clear of that.
+        """
         deadline = time.time() + timeout
         while time.time() < deadline:
             info = self.job_state(job)
             if info.get("JobState") == "PENDING" and int(info.get("Restarts", 0)) >= 1:
-                self.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+                self.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], check=False)
                 return
             time.sleep(0.3)
         raise TimeoutError(f"job {job} was not requeued within {timeout} s: {self.job_state(job)}")
