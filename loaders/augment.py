@@ -256,49 +256,55 @@ def adjust(image: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
     return image
 
 
-def grid_permutation(plan: SamplePlan, out_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(rows, cols) with apply_plan(image) == adjust(plain[:, rows, cols]), where plain is the unaugmented
-    resize; None unless the plan's warp is that resize followed by a right-angle turn or flip of the output.
+Turn = tuple[bool, list[int]]
+"""(transpose, dims to flip): a right-angle turn and/or mirror of a (C, S, S) image."""
+
+
+def plain_turn(plan: SamplePlan, out_size: int) -> Turn | None:
+    """The turn with apply_plan(image) == adjust(apply_turn(plain, turn)), where plain is the unaugmented resize;
+    None unless the plan's warp is that resize turned by a right angle or mirrored (no crop, no degradation).
 
     Such a warp samples the image where the plain resize does, only in another order, so a loader may reuse
-    one resized image for all eight of them (crops, other angles and degradation sample elsewhere).
+    one resized image for all eight of them.
     """
-    if plan.degrade:
-        return None
-    return _grid_permutation(tuple(np.round(plan.matrix.astype(np.float64), 4).ravel()), plan.src_hw, out_size)
+    return None if plan.degrade else _whole_image_turn(plan.matrix, plan.src_hw, (out_size, out_size))
 
 
-@functools.lru_cache(maxsize=256)
-def _grid_permutation(matrix: tuple[float, ...], src_hw: tuple[int, int], out_size: int
-                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    h, w = src_hw
-    scale = np.array([[w / out_size], [h / out_size]])
-    matrix = np.array(matrix).reshape(2, 3)
-    turn = matrix[:, :2] / scale
-    signed = np.round(turn)
-    if not (np.allclose(turn, signed, atol=1e-3) and sorted(np.abs(signed).sum(0)) == [1, 1]
-            and sorted(np.abs(signed).sum(1)) == [1, 1]) or (signed[0, 0] == 0 and h != w):
+def apply_turn(image: torch.Tensor, turn: Turn) -> torch.Tensor:
+    transpose, flips = turn
+    image = image.transpose(1, 2) if transpose else image
+    return image.flip(flips) if flips else image
+
+
+def _whole_image_turn(matrix: np.ndarray, src_hw: tuple[int, int], out_hw: tuple[int, int]) -> Turn | None:
+    """The turn of the plain resize that `matrix` (output -> input pixels) samples, when it maps the output onto
+    the whole (h, w) image turned by a right angle and/or mirrored; else None."""
+    (a, b, c), (d, e, f) = np.asarray(matrix, dtype=np.float64).tolist()
+    (h, w), (out_h, out_w) = src_hw, out_hw
+    tol = 1e-5 * max(w, h)  # plans hold float32 matrices: sampling points within 1e-5 px of the warp's
+    transpose = bool(abs(a) <= tol and abs(e) <= tol)
+    if transpose:  # output x walks the input's rows, output y its columns: a square output's transpose
+        a, b, c, d, e, f = b, a, c, e, d, f
+        if out_h != out_w:
+            return None
+    # Now a scales x to input columns and e scales y to input rows; a mirrored axis starts at the far edge.
+    if abs(b) > tol or abs(d) > tol or abs(abs(a) - w / out_w) > 1e-6 * w / out_w \
+            or abs(abs(e) - h / out_h) > 1e-6 * h / out_h:
         return None
-    # Output pixel centres map to source positions; divided by the scale they must be output pixel centres.
-    centres = np.arange(out_size) + 0.5
-    xs, ys = np.meshgrid(centres, centres)
-    src = np.einsum("ij,jyx->iyx", matrix, np.stack([xs, ys, np.ones_like(xs)])) / scale[:, :, None]
-    cols, rows = np.round(src[0] - 0.5), np.round(src[1] - 0.5)
-    if not (np.allclose(src[0] - 0.5, cols, atol=1e-2) and np.allclose(src[1] - 0.5, rows, atol=1e-2)
-            and min(cols.min(), rows.min()) >= 0 and max(cols.max(), rows.max()) < out_size):
+    if abs(c - (w if a < 0 else 0.0)) > tol or abs(f - (h if e < 0 else 0.0)) > tol:
         return None
-    return torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(cols.astype(np.int64))
+    return transpose, [dim for dim, flipped in ((2, e < 0 if transpose else a < 0),
+                                                (1, a < 0 if transpose else e < 0)) if flipped]
 
 
 def warp_affine(image: torch.Tensor, matrix: np.ndarray, out_hw: tuple[int, int]) -> torch.Tensor:
     """Bilinear warp with clamped borders, as DALI's fn.warp_affine without fill_value."""
     _, h, w = image.shape
-    flips = _window_flips(matrix, (h, w), out_hw)
-    if flips is not None:
-        # The whole image scaled (and maybe flipped): F.interpolate samples the same points as the warp (pixel
-        # centres, clamped borders) 2x faster than grid_sample; a flipped window is the flipped output.
-        out = F.interpolate(image[None], size=out_hw, mode="bilinear", align_corners=False)[0]
-        return out.flip(flips) if flips else out
+    turn = _whole_image_turn(matrix, (h, w), out_hw)
+    if turn is not None:
+        # The whole image scaled, turned or mirrored: F.interpolate samples the same points as the warp (pixel
+        # centres, clamped borders) 2x faster than grid_sample, and the turn only reorders them.
+        return apply_turn(F.interpolate(image[None], size=out_hw, mode="bilinear", align_corners=False)[0], turn)
     xs, ys = _pixel_centres(out_hw)
     m = torch.from_numpy(np.asarray(matrix, dtype=np.float64))
     src_x = m[0, 0] * xs + m[0, 1] * ys + m[0, 2]
@@ -314,20 +320,6 @@ def _pixel_centres(out_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]
     ys, xs = torch.meshgrid(torch.arange(out_hw[0], dtype=torch.float64) + 0.5,
                             torch.arange(out_hw[1], dtype=torch.float64) + 0.5, indexing="ij")
     return xs, ys
-
-
-def _window_flips(matrix: np.ndarray, src_hw: tuple[int, int], out_hw: tuple[int, int]) -> list[int] | None:
-    """The dims to flip when `matrix` maps the output onto the whole (h, w) image, mirrored or not; else None."""
-    (a, b, c), (d, e, f) = np.asarray(matrix, dtype=np.float64)
-    (h, w), (out_h, out_w) = src_hw, out_hw
-    sx, sy = w / out_w, h / out_h
-    tol = 1e-5 * max(w, h)  # plans hold float32 matrices: sampling points within 1e-5 px of the warp's
-    if abs(b) > tol or abs(d) > tol or abs(abs(a) - sx) > 1e-6 * sx or abs(abs(e) - sy) > 1e-6 * sy:
-        return None
-    # Unflipped: the output's left edge maps to 0; flipped (a < 0): to w.
-    if abs(c - (w if a < 0 else 0.0)) > tol or abs(f - (h if e < 0 else 0.0)) > tol:
-        return None
-    return [dim for dim, flipped in ((2, a < 0), (1, e < 0)) if flipped]
 
 
 def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from loaders.augment import AugmentConfig, SampleDraw, SamplePlan, adjust, apply_plan, grid_permutation, make_plan
+from loaders.augment import AugmentConfig, SampleDraw, SamplePlan, adjust, apply_plan, apply_turn, make_plan, plain_turn
 from loaders.source import BatchSource, LoaderConfig
 
 DecodedBatch = tuple[int, torch.Tensor, np.ndarray, list[str], np.ndarray]
@@ -30,7 +30,7 @@ def decode_image(data: bytes) -> torch.Tensor:
 class ResizeCache:
     """Plainly resized images by sample ref, within a memory budget, for one loading process.
 
-    A plan that only turns or flips the plain resize (grid_permutation: right-angle rotations and flips, no
+    A plan that only turns or flips the plain resize (plain_turn: right-angle rotations and flips, no
     crop, no degradation) needs no decode and no resampling once its sample's resized image is cached: its
     pixels are those of apply_plan up to float rounding. Other plans run apply_plan as always.
     """
@@ -40,8 +40,8 @@ class ResizeCache:
         self.images: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def image(self, ref: tuple[int, int, int], data: bytes, plan: SamplePlan, size: int) -> torch.Tensor:
-        grid = grid_permutation(plan, size) if self.max_bytes else None
-        if grid is None:
+        turn = plain_turn(plan, size) if self.max_bytes else None
+        if turn is None:
             return apply_plan(decode_image(data), plan, size)
         plain = self.images.get(ref)
         if plain is None:
@@ -49,8 +49,7 @@ class ResizeCache:
             if self.num_bytes + plain.nbytes <= self.max_bytes:
                 self.images[ref] = plain
                 self.num_bytes += plain.nbytes
-        rows, cols = grid
-        return adjust(plain[:, rows, cols], plan)
+        return adjust(apply_turn(plain, turn), plan)
 
 
 _PLAIN = AugmentConfig(enabled=False)

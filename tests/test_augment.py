@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy.ndimage import correlate1d
 
-from loaders.augment import (AugmentConfig, SampleDraw, adjust, apply_plan, draw_batch, gaussian_blur, grid_permutation,
-                             make_plan)
+from loaders.augment import (AugmentConfig, SampleDraw, adjust, apply_plan, draw_batch, gaussian_blur, plain_turn,
+                             apply_turn, make_plan)
 
 
 def _blob(size: int = 256, sigma_x: float = 24.0, sigma_y: float = 24.0) -> torch.Tensor:
@@ -84,20 +84,20 @@ def test_gaussian_blur_is_the_reflect_101_separable_kernel(sigma):
     assert np.allclose(gaussian_blur(image, sigma).numpy(), expected, atol=1e-3)
 
 
-def test_grid_permutation_reorders_the_plain_resize_exactly_and_only_for_right_angles():
+def test_plain_turn_reorders_the_plain_resize_exactly_and_only_for_right_angles():
     image = torch.rand(3, 96, 96) * 255
     plain = apply_plan(image, make_plan(AugmentConfig(), SampleDraw(), (96, 96), 32, "sdss"), 32)
     turns = AugmentConfig(enabled=True, rotation_step_deg=90.0, crop_scale=(1.0, 1.0))
     for draw in draw_batch(turns, seed=2, epoch=0, batch_index=0, global_batch_size=16, positions=slice(0, 16)):
         plan = make_plan(turns, draw, (96, 96), 32, "sdss")
-        rows, cols = grid_permutation(plan, 32)
-        assert torch.allclose(adjust(plain[:, rows, cols], plan), apply_plan(image, plan, 32), atol=1e-3)
+        turn = plain_turn(plan, 32)
+        assert torch.allclose(adjust(apply_turn(plain, turn), plan), apply_plan(image, plan, 32), atol=1e-3)
     # Any other angle, a crop or a degradation samples elsewhere: no reuse.
     for cfg in (AugmentConfig(enabled=True, crop_scale=(1.0, 1.0)),
                 AugmentConfig(enabled=True, rotation_step_deg=90.0, crop_scale=(0.8, 0.8)),
                 AugmentConfig(enabled=True, rotation_step_deg=90.0, crop_scale=(1.0, 1.0), degrade_prob=1.0)):
         draws = draw_batch(cfg, seed=2, epoch=0, batch_index=0, global_batch_size=8, positions=slice(0, 8))
-        assert all(grid_permutation(make_plan(cfg, d, (96, 96), 32, "sdss"), 32) is None for d in draws), cfg
+        assert all(plain_turn(make_plan(cfg, d, (96, 96), 32, "sdss"), 32) is None for d in draws), cfg
 
 
 def _scipy_warp(image: torch.Tensor, matrix: np.ndarray, out: int) -> np.ndarray:
@@ -109,7 +109,7 @@ def _scipy_warp(image: torch.Tensor, matrix: np.ndarray, out: int) -> np.ndarray
     return np.stack([map_coordinates(c.double().numpy(), [src_y, src_x], order=1, mode="nearest") for c in image])
 
 
-@pytest.mark.parametrize("case", ["down", "up", "hflip", "vflip", "both", "crop", "rotate"])
+@pytest.mark.parametrize("case", ["down", "up", "hflip", "vflip", "both", "crop", "rotate", "rotate_back", "transpose"])
 def test_warp_affine_samples_where_scipy_does(case):
     from loaders.augment import warp_affine
     h, w, out = 50, 40, 32
@@ -118,7 +118,8 @@ def test_warp_affine_samples_where_scipy_does(case):
     matrix = {"down": [[sx, 0, 0], [0, sy, 0]], "up": [[w / 64, 0, 0], [0, h / 64, 0]],
               "hflip": [[-sx, 0, w], [0, sy, 0]], "vflip": [[sx, 0, 0], [0, -sy, h]],
               "both": [[-sx, 0, w], [0, -sy, h]], "crop": [[0.8 * sx, 0, 3.3], [0, 0.8 * sy, 1.7]],
-              "rotate": [[0, -sx, w], [sy, 0, 0]]}[case]
+              "rotate": [[0, -sx, w], [sy, 0, 0]], "rotate_back": [[0, sx, 0], [-sy, 0, h]],
+              "transpose": [[0, sx, 0], [sy, 0, 0]]}[case]
     size = 64 if case == "up" else out
     matrix = np.array(matrix, dtype=np.float64)
     got = warp_affine(image, matrix, (size, size)).numpy()
