@@ -32,8 +32,7 @@ class StepStats:
         self._bad_step = torch.zeros((), dtype=torch.int64, device=device)  # first non-finite step; 0 = none
         self._bad_value = torch.zeros((), dtype=torch.float64, device=device)
         self._keys: dict[int, list[str]] = {}  # this rank's keys of the steps since the last reduction
-        self._counts = np.zeros(len(surveys), np.float64)
-        self._lanes = (0, 0)
+        self._survey = torch.zeros(0, dtype=torch.int64)  # the last step's survey index per sample
 
     def start_step(self) -> None:
         self._loss.zero_()
@@ -51,17 +50,18 @@ class StepStats:
     def end_step(self, step: int, keys: list[str], survey: torch.Tensor) -> None:
         """The step's batch on this rank: its keys (for a NaN report and the batch hash) and survey indices."""
         self._keys[step] = list(keys)
-        self._counts = np.bincount(survey.cpu().numpy(), minlength=len(self.surveys)).astype(np.float64)
-        self._lanes = key_lanes(keys)
+        self._survey = survey  # counted (and the keys hashed) only when a logging step reduces
 
     def reduce(self) -> dict:
         """Collective: the last step's mean loss, survey counts and key hash over all ranks.
 
         Raises NonFiniteLoss when any rank saw a non-finite loss since the previous reduction.
         """
+        counts = np.bincount(self._survey.cpu().numpy(), minlength=len(self.surveys))
+        lanes = key_lanes(self._keys[max(self._keys)]) if self._keys else (0, 0)
         local = torch.cat([(self._loss / max(self._num_micro, 1)).reshape(1),
                            (self._bad_step > 0).to(torch.float64).reshape(1),
-                           torch.tensor([*self._counts, *self._lanes], dtype=torch.float64).to(self.device)])
+                           torch.tensor([*counts, *lanes], dtype=torch.float64).to(self.device)])
         dist.all_reduce(local)
         values = local.tolist()  # the one host synchronisation
         if values[1] > 0:
