@@ -91,3 +91,14 @@ def slurm_cluster(tmp_path_factory):
     cluster.start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def process_group():
+    """torch.distributed in this process: a world of one over gloo (the collectives of unit-tested parts)."""
+    import torch.distributed as dist
+
+    from train.world import free_port
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

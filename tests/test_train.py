@@ -1,61 +1,18 @@
 """Training under DeepSpeed on CPU: configs, one process, 2-process torchrun ZeRO-2/3, kill + resume, pre-emption."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sharding.config import CONFIG_ROOT
 from train.config import load_train_config
-from train.world import free_port
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = str(CONFIG_ROOT / "train" / "tiny.yaml")
-
-
-def _overrides(shard_root: Path, **extra) -> list[str]:
-    base = {"data.loader.shard_root": str(shard_root), "data.loader.image_size": 56, "data.loader.num_workers": 0,
-            "data.global_batch_size": 12, "data.val_max_samples": 16, "val_every": 1000, "log_every": 1}
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def _command(nproc: int, out_dir: Path, max_steps: int, overrides: list[str], resume: str = "none") -> list[str]:
-    train_args = ["--config", TINY, "--out-dir", str(out_dir), "--max-steps", str(max_steps), "--resume", resume,
-                  *overrides]
-    if nproc == 1:
-        return [sys.executable, "-m", "train", *train_args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-            "127.0.0.1", "--master_port", str(free_port()), "-m", "train", *train_args]
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return env
-
-
-def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
-
-
-def _steps(out_dir: Path) -> dict[int, dict]:
-    """The last record of every step (a killed run may have logged steps that the resumed run redoes)."""
-    records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in records if "event" not in r}
-
-
-def _events(out_dir: Path, kind: str) -> list[dict]:
-    records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
-    return [r for r in records if r.get("event") == kind]
+from train_cases import (REPO, TINY, _command, _env, _events, _kill_after_checkpoint, _overrides, _run, _steps,
+                         free_port)
 
 
 def test_every_train_config_loads_and_unknown_keys_fail():
@@ -116,18 +73,6 @@ def test_single_process_tiny_run_logs_checkpoints_and_exports(shard_root, tmp_pa
     assert provenance["val_metrics"]["sdss"]["n"] == validation[-1]["surveys"]["sdss"]["n"]
     assert provenance["step"] == 4 and provenance["config"]["max_steps"] == 4
 
-
-def _kill_after_checkpoint(cmd: list[str], out_dir: Path, tag: str, timeout: float = 240) -> None:
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    meta = out_dir / "checkpoints" / tag / "meta.json"
-    deadline = time.time() + timeout
-    while time.time() < deadline and not meta.exists() and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert meta.exists(), "the run died before its checkpoint"
-    assert not (out_dir / "export").exists(), "the run finished before it could be killed"
 
 
 @pytest.mark.slow
@@ -234,223 +179,6 @@ def test_head_stage_on_a_local_pretrained_folder_keeps_its_backbone(shard_root, 
     meta = json.loads((out / "export" / "export.json").read_text())
     assert meta["pretrained_source"] == str(tmp_path / "dinov2-tiny") and meta["model"]["pretrained"] is None
 
-
-# ---- issue 10: training hardening ----------------------------------------------------------------------------
-
-def _run_status(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def _pretrained_tiny(folder: Path) -> dict:
-    """A saved random tiny DINOv2 (the frozen weights' original fp32 values) -> its state dict."""
-    import torch
-    from transformers import Dinov2Model
-
-    from models.backbone import dinov2_config
-    from models.config import load_model_config
-    if not folder.exists():
-        torch.manual_seed(5)
-        Dinov2Model(dinov2_config(load_model_config("tiny").backbone)).save_pretrained(folder)
-    return {k: v for k, v in Dinov2Model.from_pretrained(folder).state_dict().items()}
-
-
-@pytest.fixture
-def process_group():
-    """torch.distributed in this process: a world of one over gloo (the collectives of unit-tested parts)."""
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("saved_nproc, resumed_nproc, zero_stage, stage", [(2, 1, 3, "head"), (1, 2, 2, "full")])
-def test_resume_on_another_world_size_follows_the_uninterrupted_run(shard_root, tmp_path, saved_nproc,
-                                                                    resumed_nproc, zero_stage, stage):
-    """A checkpoint of N processes resumed by M: DeepSpeed's universal form, converted once, loaded by M."""
-    import shutil
-    overrides = _overrides(shard_root, checkpoint_every=3, zero_stage=zero_stage, stage=stage,
-                           **{"model_overrides": "[head.dropout=0.0]"})
-    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    _run(_command(saved_nproc, reference, 6, overrides))
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(reference / "checkpoints" / "step00000003", resumed / "checkpoints" / "step00000003")
-    result = _run(_command(resumed_nproc, resumed, 6, overrides, resume="auto"))
-    assert f"converted from {saved_nproc} processes" in result.stdout + result.stderr
-    assert (resumed / "checkpoints" / "step00000003_universal").is_dir()
-    ref, res = _steps(reference), _steps(resumed)
-    assert sorted(res) == [4, 5, 6]
-    for step in (4, 5, 6):
-        assert res[step]["batch_keys_hash"] == ref[step]["batch_keys_hash"], step
-        assert res[step]["survey_counts"] == ref[step]["survey_counts"], step
-        assert res[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5, abs=1e-6), step
-
-
-def test_resume_planning_refuses_what_cannot_be_resumed(tmp_path):
-    """Stage 0 on another world size, another schema or model: a ValueError naming it, before any step."""
-    from train.checkpoint import plan_resume
-    identity = {"schema": ["a", "b"], "model": {"backbone": {"hidden_size": 64}}, "stage": "head", "lora": None}
-    folder = tmp_path / "checkpoints" / "step00000003"
-    folder.mkdir(parents=True)
-    (folder / "meta.json").write_text(json.dumps({"step": 3, "sampler": {}, "world_size": 2, **identity}))
-    assert plan_resume(tmp_path, "auto", identity, world_size=2, zero_stage=0).universal is False
-    plan = plan_resume(tmp_path, "step00000003", identity, world_size=1, zero_stage=1)
-    assert plan.universal and plan.step == 3 and plan.saved_world_size == 2
-    with pytest.raises(ValueError, match="written by 2 processes.*zero_stage=0"):
-        plan_resume(tmp_path, "auto", identity, world_size=1, zero_stage=0)
-    with pytest.raises(ValueError, match=r"schema: missing \['b'\] added \['c'\]"):
-        plan_resume(tmp_path, "auto", {**identity, "schema": ["a", "c"]}, world_size=2, zero_stage=2)
-    with pytest.raises(ValueError, match="model.backbone.hidden_size: 64 -> 32"):
-        plan_resume(tmp_path, "auto", {**identity, "model": {"backbone": {"hidden_size": 32}}}, 2, 2)
-    assert plan_resume(tmp_path, "none", identity, 1, 0) is None
-
-
-def test_resume_of_a_different_model_fails_before_loading(shard_root, tmp_path):
-    out = tmp_path / "run"
-    folder = out / "checkpoints" / "step00000002"
-    folder.mkdir(parents=True)
-    from models.config import load_model_config
-    from sharding.config import to_dict
-    from sharding.schema import load_schema
-    saved_model = to_dict(load_model_config("tiny", ["backbone.hidden_size=32"]))
-    (folder / "meta.json").write_text(json.dumps({"step": 2, "sampler": {}, "world_size": 1, "model": saved_model,
-                                                  "schema": load_schema().names, "stage": "head"}))
-    result = _run_status(_command(1, out, 4, _overrides(shard_root), resume="auto"))
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "different model" in result.stderr and "model.backbone.hidden_size: 32 -> 64" in result.stderr
-    assert not (out / "log.jsonl").exists() or not _steps(out)
-
-
-@pytest.mark.slow
-def test_signal_at_a_checkpoint_step_does_not_rewrite_that_checkpoint(shard_root, tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.Popen(_command(1, out, 40, _overrides(shard_root, checkpoint_every=1, keep_checkpoints=100)),
-                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not ((out / "log.jsonl").exists() and len(_steps(out)) >= 2):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output[-3000:]
-    saved = [e["step"] for e in _events(out, "checkpoint")]
-    assert saved and len(saved) == len(set(saved)), saved  # every step's checkpoint written once
-    assert "checkpoint already saved at step" in output
-    root = out / "checkpoints"
-    assert not list(root.glob("partial-*"))
-    assert sorted(p.name for p in root.glob("step*")) == [f"step{s:08d}" for s in saved]
-    assert all((root / f"step{s:08d}" / "meta.json").is_file() for s in saved)
-
-
-class _FakeCheckpointEngine:
-    """Writes one file per save, or dies half-way (a node lost mid-save)."""
-
-    def __init__(self):
-        self.saves, self.fail = [], False
-
-    def save(self, directory: Path, tag: str, client_state: dict) -> None:
-        self.saves.append(tag)
-        (directory / tag).mkdir(parents=True, exist_ok=True)
-        (directory / tag / "state.json").write_text(json.dumps(client_state))
-        if self.fail:
-            raise RuntimeError("lost a node")
-
-    def load(self, directory: Path, tag: str) -> dict:
-        return json.loads((directory / tag / "state.json").read_text())
-
-
-def test_checkpoint_is_complete_or_absent_and_written_once_per_step(tmp_path, process_group):
-    from train.checkpoint import Checkpointer, ResumePlan, complete_tags
-    from train.world import World
-    engine, events = _FakeCheckpointEngine(), []
-    checkpointer = Checkpointer(engine, tmp_path, World(), keep=5, meta={"world_size": 1},
-                                convert=lambda a, b: None, on_event=events.append)
-    assert checkpointer.save(3, {"step": 3, "sampler": {"at": 3}}, "periodic")
-    assert not checkpointer.save(3, {"step": 3, "sampler": {"at": 3}}, "signal 15")  # no rewrite in place
-    assert engine.saves == ["partial-step00000003"] and [e["reason"] for e in events] == ["periodic"]
-    engine.fail = True
-    with pytest.raises(RuntimeError, match="lost a node"):
-        checkpointer.save(4, {"step": 4, "sampler": {"at": 4}}, "periodic")
-    assert complete_tags(tmp_path) == ["step00000003"] and not (tmp_path / "checkpoints" / "step00000004").exists()
-    engine.fail = False  # resumed from step 3, the run saves step 4 again: the leftovers go, the new one is whole
-    checkpointer = Checkpointer(engine, tmp_path, World(), keep=5, meta={"world_size": 1},
-                                convert=lambda a, b: None, on_event=events.append)
-    assert checkpointer.load(ResumePlan("step00000003", 3, 1, False)) == {"step": 3, "sampler": {"at": 3}}
-    assert checkpointer.save(4, {"step": 4, "sampler": {"at": 4}}, "periodic")
-    assert complete_tags(tmp_path) == ["step00000003", "step00000004"]
-    assert not list((tmp_path / "checkpoints").glob("partial-*"))
-    meta = json.loads((tmp_path / "checkpoints" / "step00000004" / "meta.json").read_text())
-    assert meta["step"] == 4 and meta["sampler"] == {"at": 4} and meta["world_size"] == 1
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("zero_stage, stage", [(0, "full"), (2, "head"), (3, "head"), (2, "lora")],
-                         ids=["zero0-full", "zero2-head", "zero3-head", "zero2-lora"])
-def test_bf16_export_is_the_fp32_master_weights(shard_root, tmp_path, zero_stage, stage):
-    """Trainable weights: the checkpoint's fp32 masters; frozen ones: their original fp32 values (not bf16)."""
-    import torch
-    from safetensors.torch import load_file
-    from train import stages
-
-    pretrained = tmp_path / "dinov2-tiny"
-    original = {f"backbone.{k}": v for k, v in _pretrained_tiny(pretrained).items()}
-    out = tmp_path / "run"
-    extra = [f"model_overrides=[pretrained={pretrained}]"]
-    # DeepSpeed makes the fp32 masters from the bf16-cast module: they leave the bf16 grid once lr > 0.
-    _run(_command(1, out, 3, _overrides(shard_root, stage=stage, precision="bf16", zero_stage=zero_stage,
-                                        **{"lora.rank": 4, "lora.alpha": 8.0, "optim.warmup_steps": 1}) + extra))
-    exported = load_file(out / "export" / "model.safetensors")
-    assert all(t.dtype == torch.float32 for t in exported.values())
-    cfg = load_train_config(TINY, [*_overrides(shard_root, stage=stage, **{"lora.rank": 4, "lora.alpha": 8.0}), *extra])
-    from sharding.schema import load_schema
-    model, _ = stages.build(cfg, load_schema())  # the stage's model, frozen weights at their fp32 originals
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    checkpoint = out / "checkpoints" / "step00000003"
-    if zero_stage == 0:  # DeepSpeed's bf16 wrapper keeps the fp32 masters in the optimizer state
-        saved = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        masters = [t for group in saved["optimizer"]["fp32_groups"] for t in group]
-        for name in trainable:
-            assert any(m.shape == exported[name].shape and torch.equal(m, exported[name]) for m in masters), name
-        master = {name: exported[name] for name in trainable}
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        gathered = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step00000003")
-        master = {name: gathered[name] for name in trainable}
-    assert any(not torch.equal(t, t.bfloat16().float()) for t in master.values()), "masters look bf16-rounded"
-    if stage == "lora":  # merge the fp32 adapters into the fp32 frozen weights, then compare
-        from models.lora import merge_lora
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in trainable:
-                    param.copy_(master[name])
-        expected = merge_lora(model).state_dict()
-        assert set(expected) == set(exported)
-        for name, tensor in expected.items():
-            assert torch.allclose(exported[name], tensor, rtol=1e-6, atol=1e-7), name
-        untouched = [n for n in original if "q_proj" not in n and "v_proj" not in n]
-        assert untouched and all(torch.equal(exported[n], original[n]) for n in untouched)
-        return
-    for name, tensor in exported.items():
-        expected = master[name] if name in trainable else original[name]
-        assert torch.equal(tensor, expected), name
-
-
-@pytest.mark.slow
-def test_zero3_validation_with_partitioned_parameters_and_uneven_ranks(shard_root, tmp_path):
-    """decals val has 9 galaxies: with batches of 2, rank 0 has 3 batches and rank 1 two (plus one padded)."""
-    overrides = _overrides(shard_root, val_at_start="true", **{"data.val_batch_size": 2})
-    single, sharded = tmp_path / "single", tmp_path / "zero3"
-    _run(_command(1, single, 1, overrides))
-    result = _run(_command(2, sharded, 1, overrides + ["zero_stage=3", "zero3_param_persistence_threshold=0"]),
-                  timeout=240)
-    assert "all_gather_into_tensor` is deprecated" not in result.stdout + result.stderr
-    ref, res = _events(single, "validation")[0], _events(sharded, "validation")[0]
-    assert ref["step"] == res["step"] == 0
-    sizes = {s: json.loads((shard_root / s / "manifest.json").read_text())["splits"]["val"]["num_samples"]
-             for s in ("sdss", "decals", "hst")}
-    assert sizes["decals"] % 2 == 1 and {s: r["n"] for s, r in res["surveys"].items()} == sizes
-    for survey, values in ref["surveys"].items():
-        for key in ("loss", "mae", "r"):
-            assert res["surveys"][survey][key] == pytest.approx(values[key], rel=1e-4, abs=1e-6), (survey, key)
 
 
 def test_eval_refs_pad_gives_every_rank_the_same_number_of_rows():
