@@ -143,12 +143,18 @@ def incomplete_questions(features: torch.Tensor, feature_mask: torch.Tensor, sch
 
 
 def build_head(in_features: int, cfg: HeadConfig, num_outputs: int) -> nn.Sequential:
-    """MLP: (Linear, LayerNorm, GELU, Dropout) per hidden size, then a Linear to the raw logits."""
+    """MLP: (Linear, LayerNorm, GELU, Dropout) per hidden size, then a Linear to the raw logits.
+
+    Without hidden layers, a dropout > 0 applies to the pooled features before the output layer (a linear probe
+    with dropout), so `head.dropout` is never silently ignored; at 0 the head is the bare Linear.
+    """
     layers: list[nn.Module] = []
     width = in_features
     for hidden in cfg.hidden_sizes:
         layers += [nn.Linear(width, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(cfg.dropout)]
         width = hidden
+    if not cfg.hidden_sizes and cfg.dropout > 0:
+        layers.append(nn.Dropout(cfg.dropout))
     layers.append(nn.Linear(width, num_outputs))
     return nn.Sequential(*layers)
 

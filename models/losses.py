@@ -30,6 +30,11 @@ def feature_has_votes(total_votes: torch.Tensor, layout: OutputLayout) -> torch.
     return (_finite(total_votes) @ layout.feature_question.to(total_votes.device).T) > 0
 
 
+def mse_labelled(feature_mask: torch.Tensor, total_votes: torch.Tensor, layout: OutputLayout) -> torch.Tensor:
+    """(N, F) bool: the (galaxy, feature) pairs the masked MSE scores; their number is its "mean" divisor."""
+    return feature_mask.bool() & feature_has_votes(total_votes, layout)
+
+
 def masked_mse_loss(logits: torch.Tensor, *, features: torch.Tensor, feature_mask: torch.Tensor,
                     total_votes: torch.Tensor, layout: OutputLayout, reduction: Reduction = "mean") -> torch.Tensor:
     """Squared error of predicted vote fractions where a label exists.
@@ -39,7 +44,7 @@ def masked_mse_loss(logits: torch.Tensor, *, features: torch.Tensor, feature_mas
     (galaxy, feature) pairs (0 when there are none); "none" gives (N, F) with zeros elsewhere.
     Takes public (N, F) or raw (N, F + K) logits.
     """
-    mask = feature_mask.bool() & feature_has_votes(total_votes, layout)
+    mask = mse_labelled(feature_mask, total_votes, layout)
     predicted = fractions(logits.float(), layout)
     # Labels at absent features may hold anything, even NaN, and 0 * NaN gradients would poison the batch.
     target = torch.where(mask, _finite(features), torch.zeros_like(predicted))
@@ -112,6 +117,22 @@ def dirichlet_multinomial_loss(raw_logits: torch.Tensor, *, votes: torch.Tensor,
 
 
 LOSSES = {"mse": masked_mse_loss, "dirichlet": dirichlet_multinomial_loss}
+
+
+def loss_count(kind: Literal["mse", "dirichlet"], batch, layout: OutputLayout) -> torch.Tensor:
+    """The "mean" divisor of `batch_loss(kind, ...)` as an int64 scalar: labelled (galaxy, feature) pairs for the
+    MSE, galaxies with a labelled question for the Dirichlet loss.
+
+    A loss over a batch split across ranks or micro-batches is sum(part sums) / sum(part counts): each part's
+    "mean" would weigh a galaxy by how many labels its part's other galaxies happen to have.
+    """
+    if kind == "mse":
+        labelled = mse_labelled(batch.feature_mask, batch.total_votes, layout)
+    elif kind == "dirichlet":
+        labelled = question_labelled(batch.feature_mask, batch.total_votes, layout).any(dim=1)
+    else:
+        raise ValueError(f"unknown loss {kind!r}; expected one of {sorted(LOSSES)}")
+    return labelled.sum().to(torch.int64)
 
 
 def batch_loss(kind: Literal["mse", "dirichlet"], raw_logits: torch.Tensor, batch, layout: OutputLayout,

@@ -198,7 +198,8 @@ def test_eval_refs_pad_gives_every_rank_the_same_number_of_rows():
 
 
 def test_train_step_does_not_synchronise_the_host(monkeypatch):
-    """No loss.item(), all-reduce or object gather per micro-batch: the step queues work and returns."""
+    """No loss.item() or object gather, and one all-reduce per step (the global label count, on the device): the
+    step queues work and returns."""
     from types import SimpleNamespace
 
     import torch
@@ -228,11 +229,13 @@ def test_train_step_does_not_synchronise_the_host(monkeypatch):
         raise AssertionError("host synchronisation in train_step")
     monkeypatch.setattr(torch.Tensor, "item", forbidden)
     monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
-    monkeypatch.setattr(dist, "all_reduce", forbidden)
+    reduced = []
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *a, **k: reduced.append(tensor.device))  # world of one
     monkeypatch.setattr(dist, "all_gather_object", forbidden)
     for step in range(3):
         loop.train_step(run, batch)
         run.step += 1
+    assert reduced == [torch.device("cpu")] * 3  # the count, once per step (not per micro-batch), on the device
 
 
 def test_step_stats_reduce_once_and_name_the_first_non_finite_step(process_group, monkeypatch):
@@ -244,7 +247,8 @@ def test_step_stats_reduce_once_and_name_the_first_non_finite_step(process_group
     real = dist.all_reduce
     monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: calls.append(1) or real(*a, **k))
     stats = StepStats(torch.device("cpu"), 0, 1, ["sdss", "hst"])
-    for step, losses in ((1, [2.0, 4.0]), (2, [1.0, float("nan")]), (3, [float("inf"), 1.0])):
+    # Each micro-batch adds its share of the global batch loss; the step's loss is their sum over micro-batches.
+    for step, losses in ((1, [1.0, 2.0]), (2, [1.0, float("nan")]), (3, [float("inf"), 1.0])):
         stats.start_step()
         for value in losses:
             stats.add(step, torch.tensor(value))

@@ -20,6 +20,7 @@ import yaml
 from loaders.batch import Batch
 from loaders.loader import MixedLoader, build_loader
 from loaders.pfair import format_shares
+from models.sample_noise import sample_noise, sample_seeds
 from sharding.config import to_dict
 from sharding.schema import FeatureSchema, load_schema
 from train import checkpoint, engine as ds, stages
@@ -56,10 +57,11 @@ class Run:
     window: Window = field(default_factory=Window)
 
 
-def _seed(cfg: TrainConfig, step: int, rank: int) -> None:
-    # Seeding per step (not once) makes dropout after a resume identical to the uninterrupted run.
-    torch.manual_seed(cfg.seed * 1_000_003 + step * 997 + rank)
-    np.random.seed((cfg.seed * 7919 + step * 31 + rank) % 2**32)
+def _seed(cfg: TrainConfig, step: int) -> None:
+    # Dropout draws per sample (models.sample_noise); anything else drawing from the global RNGs during a step gets
+    # the same stream on every rank and after a resume, never a rank's own.
+    torch.manual_seed(cfg.seed * 1_000_003 + step * 997)
+    np.random.seed((cfg.seed * 7919 + step * 31) % 2**32)
 
 
 def run_identity(cfg: TrainConfig, schema: FeatureSchema, model: torch.nn.Module) -> dict:
@@ -80,7 +82,8 @@ def setup(cfg: TrainConfig, world: World, resume: str | None) -> Run:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model, num_layers = stages.build(cfg, schema)
     identity = run_identity(cfg, schema, model)
-    plan = checkpoint.plan_resume(out_dir, resume, identity, world.world_size, cfg.zero_stage)
+    plan = checkpoint.plan_resume(out_dir, resume, identity, world.world_size, cfg.zero_stage,
+                                  checkpoint.shared_resolver(world, cfg.checkpoint_visibility_timeout_s))
     ds_config = ds.deepspeed_config(cfg, world.world_size, on_cuda, load_universal=bool(plan and plan.universal))
     engine = ds.Engine(model, ds.param_groups(model, cfg, num_layers), ds_config,
                        keep_fp32_fixed=world.is_main and cfg.precision != "fp32")
@@ -89,7 +92,7 @@ def setup(cfg: TrainConfig, world: World, resume: str | None) -> Run:
     log = RunLog(out_dir, world.is_main, cfg.max_steps, plan.step if plan else 0)
     meta = {"config": to_dict(cfg), **identity, "world_size": world.world_size}
     checkpointer = checkpoint.Checkpointer(engine, out_dir, world, cfg.keep_checkpoints, meta,
-                                           ds.convert_to_universal, log.event)
+                                           ds.convert_to_universal, log.event, cfg.checkpoint_visibility_timeout_s)
     step = 0
     if plan is not None:
         client = checkpointer.load(plan)
@@ -117,19 +120,41 @@ def setup(cfg: TrainConfig, world: World, resume: str | None) -> Run:
     return Run(cfg, world, out_dir, schema, engine, loader, log, checkpointer, validator, stats, control, step)
 
 
+def global_label_count(local: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Collective: the labels of the whole global batch (what its loss is divided by), at least 1.
+
+    Summed on the training device (NCCL queues it on the stream), so the host never waits for it.
+    """
+    total = local.detach().to(device, torch.float64, non_blocking=True).reshape(1)
+    dist.all_reduce(total)
+    return total.clamp(min=1.0).reshape(())
+
+
 def train_step(run: Run, batch: Batch) -> None:
-    """Forward/backward over the rank's micro-batches and one optimizer step; losses stay on the device."""
-    cfg = run.cfg
-    _seed(cfg, run.step, run.world.rank)
+    """Forward/backward over the rank's micro-batches and one optimizer step; losses stay on the device.
+
+    The objective is the global batch's loss, sum(label losses) / global label count, whatever the world size W
+    and accumulation A: DeepSpeed divides each micro-batch's gradient by A and averages ranks (divides by W), so
+    each micro-batch backpropagates its loss sum x W x A / count. Dropout is keyed by the sample's place in the
+    global batch (models.sample_noise), so the same galaxy gets the same mask on any split.
+    """
+    cfg, world, model = run.cfg, run.world, run.engine.module
+    _seed(cfg, run.step)
     run.engine.train(True)
     run.stats.start_step()
     micro = math.ceil(len(batch) / cfg.grad_accum_steps)
-    for start in range(0, len(batch), micro):
-        part = stages.slice_batch(batch, slice(start, start + micro))
-        logits = run.engine.forward(part.images).float()
-        loss = stages.loss(cfg.loss, logits, part.to(logits.device), run.engine.module)
-        run.stats.add(run.step + 1, loss)
-        run.engine.backward_step(loss)
+    parts = [stages.slice_batch(batch, slice(start, start + micro)) for start in range(0, len(batch), micro)]
+    assert len(parts) == cfg.grad_accum_steps, "DeepSpeed's accumulation boundary needs A micro-batches per step"
+    local_count = sum(stages.label_count(cfg.loss, part, model) for part in parts)
+    count = global_label_count(local_count, run.engine.device)
+    scale = (world.world_size * cfg.grad_accum_steps / count).float()
+    seeds = sample_seeds(cfg.seed, run.step + 1, world.rank * len(batch) + torch.arange(len(batch)))
+    for start, part in zip(range(0, len(batch), micro), parts):
+        with sample_noise(model, seeds[start:start + micro]):
+            logits = run.engine.forward(part.images).float()
+        loss = stages.loss_sum(cfg.loss, logits, part.to(logits.device), model)
+        run.stats.add(run.step + 1, loss / count.float())  # this micro-batch's share of the global batch loss
+        run.engine.backward_step(loss * scale)
     run.stats.end_step(run.step + 1, batch.keys, batch.survey)
 
 

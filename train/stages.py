@@ -12,7 +12,8 @@ from models.config import load_model_config
 from models.head import MorphologyModel, fractions as head_fractions
 from models.io import WEIGHTS_FILE, read_export_meta, save_export
 from models.lora import apply_lora, is_lora, merge_lora
-from models.losses import batch_loss
+from models.losses import batch_loss, loss_count
+from models.sample_noise import per_sample_noise
 from sharding.config import to_dict
 from sharding.schema import FeatureSchema
 from sharding.writer import sha256_of
@@ -32,11 +33,17 @@ def build(cfg: TrainConfig, schema: FeatureSchema) -> tuple[MorphologyModel, int
         model.backbone.requires_grad_(False)
     elif cfg.stage == "lora":
         apply_lora(model, cfg.lora)
+    per_sample_noise(model)  # dropout keyed by (seed, step, global position): the same on any world size
     return model, model.config.backbone.num_hidden_layers
 
 
-def loss(kind: str, raw_logits: torch.Tensor, batch: Batch, model: MorphologyModel) -> torch.Tensor:
-    return batch_loss(kind, raw_logits, batch, model.layout)
+def loss_sum(kind: str, raw_logits: torch.Tensor, batch: Batch, model: MorphologyModel) -> torch.Tensor:
+    """The loss summed over the batch's labels; the loop divides by the global batch's `label_count`."""
+    return batch_loss(kind, raw_logits, batch, model.layout, reduction="sum")
+
+
+def label_count(kind: str, batch: Batch, model: MorphologyModel) -> torch.Tensor:
+    return loss_count(kind, batch, model.layout)
 
 
 def fractions(raw_logits: torch.Tensor, model: MorphologyModel) -> torch.Tensor:

@@ -27,8 +27,7 @@ class StepStats:
 
     def __init__(self, device: torch.device, rank: int, world_size: int, surveys: list[str]):
         self.device, self.rank, self.world_size, self.surveys = device, rank, world_size, surveys
-        self._loss = torch.zeros((), dtype=torch.float64, device=device)  # the current step's micro-batch loss sum
-        self._num_micro = 0
+        self._loss = torch.zeros((), dtype=torch.float64, device=device)  # this rank's share of the step's loss
         self._bad_step = torch.zeros((), dtype=torch.int64, device=device)  # first non-finite step; 0 = none
         self._bad_value = torch.zeros((), dtype=torch.float64, device=device)
         self._keys: dict[int, list[str]] = {}  # this rank's keys of the steps since the last reduction
@@ -36,13 +35,11 @@ class StepStats:
 
     def start_step(self) -> None:
         self._loss.zero_()
-        self._num_micro = 0
 
     def add(self, step: int, loss: torch.Tensor) -> None:
-        """One micro-batch's loss of `step` (1-based); stays on the device."""
+        """One micro-batch's share of the global batch loss of `step` (1-based); stays on the device."""
         loss = loss.detach().to(torch.float64)
         self._loss += loss
-        self._num_micro += 1
         first = ~torch.isfinite(loss) & (self._bad_step == 0)
         self._bad_step = torch.where(first, torch.full_like(self._bad_step, step), self._bad_step)
         self._bad_value = torch.where(first, loss, self._bad_value)
@@ -53,13 +50,13 @@ class StepStats:
         self._survey = survey  # counted (and the keys hashed) only when a logging step reduces
 
     def reduce(self) -> dict:
-        """Collective: the last step's mean loss, survey counts and key hash over all ranks.
+        """Collective: the last step's global batch loss (the sum of every rank's shares), survey counts and key hash.
 
         Raises NonFiniteLoss when any rank saw a non-finite loss since the previous reduction.
         """
         counts = np.bincount(self._survey.cpu().numpy(), minlength=len(self.surveys))
         lanes = key_lanes(self._keys[max(self._keys)]) if self._keys else (0, 0)
-        local = torch.cat([(self._loss / max(self._num_micro, 1)).reshape(1),
+        local = torch.cat([self._loss.reshape(1),
                            (self._bad_step > 0).to(torch.float64).reshape(1),
                            torch.tensor([*counts, *lanes], dtype=torch.float64).to(self.device)])
         dist.all_reduce(local)
@@ -68,7 +65,7 @@ class StepStats:
             self._raise_non_finite()
         self._keys.clear()
         counts = values[2:2 + len(self.surveys)]
-        return {"loss": values[0] / self.world_size,
+        return {"loss": values[0],
                 "survey_counts": {name: int(n) for name, n in zip(self.surveys, counts)},
                 "batch_keys_hash": keys_hash((values[-2], values[-1]))}
 

@@ -54,7 +54,7 @@ class Validator:
         data, rank, world_size = self.cfg.data, self.world.rank, self.world.world_size
         info = load_survey_shards(Path(data.loader.shard_root) / survey, "val")
         num_real = len(eval_refs(info, rank, world_size, data.val_max_samples))
-        preds, targets, masks, losses = [], [], [], []
+        preds, targets, masks, losses, counts = [], [], [], [], []
         seen, model = 0, self.engine.module
         self.engine.train(False)
         for batch in iter_eval_batches(data.loader, survey, "val", rank, world_size, data.val_batch_size,
@@ -66,7 +66,8 @@ class Validator:
                 continue
             part = stages.slice_batch(batch, slice(0, real)).to(logits.device)
             logits = logits[:real]
-            losses.append(stages.loss(self.cfg.loss, logits, part, model).item() * real)
+            losses.append(stages.loss_sum(self.cfg.loss, logits, part, model).item())
+            counts.append(int(stages.label_count(self.cfg.loss, part, model)))
             preds.append(stages.fractions(logits, model).cpu().numpy())
             targets.append(part.features.cpu().numpy())
             masks.append(part.feature_mask.cpu().numpy())
@@ -75,7 +76,8 @@ class Validator:
         return {"pred": _gather(stack(preds, np.float32), world_size),
                 "target": _gather(stack(targets, np.float32), world_size),
                 "mask": _gather(stack(masks, bool), world_size),
-                "loss_sum": float(sum(_gather(np.array(losses, np.float64), world_size)))}
+                "loss_sum": float(sum(_gather(np.array(losses, np.float64), world_size))),
+                "loss_count": int(sum(_gather(np.array(counts, np.int64), world_size)))}
 
     def run(self, step: int) -> dict:
         """Collective: per-survey results (n, loss, summary metrics, per-feature metrics) on every rank."""
@@ -84,7 +86,9 @@ class Validator:
             out = self.predict_survey(survey)
             n = len(out["pred"])
             metrics = feature_metrics(out["pred"], out["target"], out["mask"], self.feature_names)
-            results[survey] = {"n": n, "loss": out["loss_sum"] / max(n, 1), **summary(metrics), "features": metrics}
+            # The loss as training defines it: summed over the split's labels, divided by their number.
+            loss = out["loss_sum"] / max(out["loss_count"], 1)
+            results[survey] = {"n": n, "loss": loss, **summary(metrics), "features": metrics}
         if self.world.is_main and self.on_results is not None:
             self.on_results(step, results)
         return results
