@@ -1,8 +1,9 @@
 """Checkpoints: DeepSpeed state with the sampler position, resolved config, schema and git commit; resume planning.
 
 A checkpoint is complete or absent: every rank saves into a `partial-` folder, rank 0 writes meta.json into it
-and renames it to its tag. A resume on another world size loads DeepSpeed's universal form of the checkpoint
-(converted once, next to it, as <tag>_universal).
+and renames it to its tag (train.publish), then points `latest` at it. A resume on another world size loads
+DeepSpeed's universal form of the checkpoint (converted once, next to it, as <tag>_universal). On a filesystem
+shared by several nodes, every rank waits until it sees what rank 0 published before reading it.
 """
 
 from __future__ import annotations
@@ -11,18 +12,19 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Collection, Protocol
 
 import torch.distributed as dist
 
 from sharding.config import REPO_ROOT
+from train.publish import (META_NAME, PARTIAL_PREFIX, VISIBILITY_TIMEOUT_S, discard, is_complete, publish,
+                           repair_publishes, set_pointer, wait_visible)
 from train.world import World
 
 CHECKPOINT_DIR = "checkpoints"
-META_NAME = "meta.json"
-PARTIAL_PREFIX = "partial-"
 UNIVERSAL_SUFFIX = "_universal"
 _TAG = re.compile(r"step\d{8}")
 
@@ -83,20 +85,54 @@ def prune(out_dir: Path, keep: int) -> list[str]:
     """Delete all but the newest `keep` complete checkpoints and their universal forms (rank 0 only)."""
     tags = complete_tags(out_dir)
     removed = tags[:-keep] if keep > 0 else []
+    update_pointers(out_dir, leaving={name for tag in removed for name in (tag, universal_tag(tag))})
     for tag in removed:
-        shutil.rmtree(checkpoint_root(out_dir) / tag, ignore_errors=True)
-        shutil.rmtree(checkpoint_root(out_dir) / universal_tag(tag), ignore_errors=True)
+        discard(checkpoint_root(out_dir) / tag)
+        discard(checkpoint_root(out_dir) / universal_tag(tag))
     return removed
 
 
-def publish(root: Path, partial: str, final: str) -> None:
-    """Rename a finished `partial` folder to `final`, replacing an older `final` (rank 0 only)."""
-    target, old = root / final, root / f"{PARTIAL_PREFIX}old-{final}"
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-    (root / partial).rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+def update_pointers(out_dir: Path, leaving: Collection[str] = ()) -> list[str]:
+    """Point `latest` at the newest complete checkpoint (the one `--resume auto` takes) and `latest_universal` at the
+    newest complete universal form, leaving out the folders about to move or go (rank 0). What changed."""
+    root = checkpoint_root(out_dir)
+    tags = complete_tags(out_dir)
+    names = [t for t in tags if t not in leaving]
+    universal = [u for u in map(universal_tag, tags) if u not in leaving and is_complete(root / u)]
+    return (set_pointer(root, "latest", names[-1] if names else None)
+            + set_pointer(root, "latest_universal", universal[-1] if universal else None))
+
+
+def repair_checkpoints(out_dir: Path) -> list[str]:
+    """Rank 0 at start-up, before any rank lists the checkpoints: finish or undo a publish that a crash cut short,
+    and point the pointers at the newest complete folders. What was done, for the log."""
+    if not checkpoint_root(out_dir).is_dir():
+        return []
+    return repair_publishes(checkpoint_root(out_dir)) + update_pointers(out_dir)
+
+
+def shared_resolver(world: World, timeout_s: float = VISIBILITY_TIMEOUT_S) -> Callable[[Path, str | None], str | None]:
+    """resolve_resume as a collective, for plan_resume: rank 0 repairs the checkpoints and resolves `resume`; every
+    rank takes its answer and waits until it sees that checkpoint. Each rank resolving `auto` itself could pick a
+    different checkpoint on a node that does not see the newest one yet."""
+    def resolve(out_dir: Path, resume: str | None) -> str | None:
+        answer: list[Any] = [None]
+        if world.is_main:
+            try:
+                for line in repair_checkpoints(out_dir):
+                    print(f"checkpoints: {line}", file=sys.stderr, flush=True)
+                answer = [("tag", resolve_resume(out_dir, resume))]
+            except (ValueError, OSError) as err:
+                answer = [(type(err).__name__, str(err))]  # the other ranks raise too, rather than wait for ever
+        if world.world_size > 1:
+            dist.broadcast_object_list(answer, src=0)
+        kind, value = answer[0]
+        if kind != "tag":
+            raise (ValueError if kind == "ValueError" else RuntimeError)(value)
+        if value is not None:
+            wait_visible(checkpoint_root(out_dir) / value, timeout_s)
+        return value
+    return resolve
 
 
 # ---- what a resumed run must share with the run that saved ----------------------------------------------------
@@ -138,10 +174,12 @@ class ResumePlan:
     universal: bool  # the world size changed: load the universal form of the checkpoint
 
 
-def plan_resume(out_dir: Path, resume: str | None, identity: dict[str, Any], world_size: int,
-                zero_stage: int) -> ResumePlan | None:
-    """Which checkpoint to resume, and how; a ValueError (before any step) when it cannot be resumed here."""
-    tag = resolve_resume(out_dir, resume)
+def plan_resume(out_dir: Path, resume: str | None, identity: dict[str, Any], world_size: int, zero_stage: int,
+                resolve: Callable[[Path, str | None], str | None] = resolve_resume) -> ResumePlan | None:
+    """Which checkpoint to resume, and how; a ValueError (before any step) when it cannot be resumed here.
+
+    `resolve`: resolve_resume, or shared_resolver(world) in a run of several processes."""
+    tag = resolve(out_dir, resume)
     if tag is None:
         return None
     meta = read_meta(out_dir, tag)
@@ -161,6 +199,7 @@ def plan_resume(out_dir: Path, resume: str | None, identity: dict[str, Any], wor
 # ---- the checkpointer --------------------------------------------------------------------------------------------
 
 class CheckpointEngine(Protocol):
+    # Must not write a pointer to `tag` (DeepSpeed's `latest`): the folder is renamed after the save.
     def save(self, directory: Path, tag: str, client_state: dict[str, Any]) -> None: ...
     def load(self, directory: Path, tag: str) -> dict[str, Any]: ...
 
@@ -170,13 +209,16 @@ class Checkpointer:
 
     `engine` saves and loads DeepSpeed state; `convert` makes a checkpoint's universal form (DeepSpeed's
     ds_to_universal); `meta` is what meta.json records besides the step and sampler (config, schema, model,
-    world size); `on_event` receives the checkpoint records for the run log (rank 0).
+    world size); `on_event` receives the checkpoint records for the run log (rank 0); `visibility_timeout_s` bounds
+    how long a rank waits to see a folder that rank 0 published.
     """
 
     def __init__(self, engine: CheckpointEngine, out_dir: Path, world: World, keep: int, meta: dict[str, Any],
-                 convert: Callable[[Path, Path], None], on_event: Callable[[dict], None]):
+                 convert: Callable[[Path, Path], None], on_event: Callable[[dict], None],
+                 visibility_timeout_s: float = VISIBILITY_TIMEOUT_S):
         self.engine, self.root, self.out_dir, self.world = engine, checkpoint_root(out_dir), Path(out_dir), world
         self.keep, self.meta, self.convert, self.on_event = keep, meta, convert, on_event
+        self.visibility_timeout_s = visibility_timeout_s
         self.last_saved_step: int | None = None
 
     def save(self, step: int, client_state: dict[str, Any], reason: str) -> bool:
@@ -193,30 +235,41 @@ class Checkpointer:
         if self.world.is_main:
             write_meta(self.root / partial, {"step": step, "sampler": client_state.get("sampler"), "reason": reason,
                                              **self.meta})
+            # An older save of this step moves aside while this one is published: no pointer may name it meanwhile.
+            # Its universal form would be loaded in place of this save's: it goes first.
+            update_pointers(self.out_dir, leaving={tag, universal_tag(tag)})
+            discard(self.root / universal_tag(tag))
             publish(self.root, partial, tag)
-            shutil.rmtree(self.root / universal_tag(tag), ignore_errors=True)  # converted from an older save
-            (self.root / "latest").write_text(tag)  # DeepSpeed's pointer, for its zero_to_fp32.py
+            update_pointers(self.out_dir)
             prune(self.out_dir, self.keep)
             self.on_event({"event": "checkpoint", "step": step, "tag": tag, "reason": reason})
-        dist.barrier()
+        dist.barrier()  # rank 0 has published it
+        wait_visible(self.root / tag, self.visibility_timeout_s)
         self.last_saved_step = step
         return True
 
     def load(self, plan: ResumePlan) -> dict[str, Any]:
         """Collective: restores DeepSpeed state and returns the client state (step, sampler)."""
-        tag = plan.tag
+        tag = universal_tag(plan.tag) if plan.universal else plan.tag
         if plan.universal:
-            tag = universal_tag(plan.tag)
-            if self.world.is_main and not (self.root / tag).is_dir():
-                partial = PARTIAL_PREFIX + tag
-                shutil.rmtree(self.root / partial, ignore_errors=True)
-                self.convert(self.root / plan.tag, self.root / partial)
-                publish(self.root, partial, tag)
-                (self.root / "latest_universal").write_text(tag)
-            dist.barrier()
+            if self.world.is_main and not is_complete(self.root / tag):
+                self._convert(plan.tag, tag)
+            dist.barrier()  # rank 0 has published the universal form
+        wait_visible(self.root / tag, self.visibility_timeout_s)
         client = self.engine.load(self.root, tag)
         if "step" not in client:  # a universal load may not carry our client state; meta.json has it
             meta = read_meta(self.out_dir, plan.tag)
             client = {"step": meta["step"], "sampler": meta["sampler"]}
         self.last_saved_step = int(client["step"])
         return client
+
+    def _convert(self, tag: str, universal: str) -> None:
+        """Rank 0: publish the universal form of `tag` as `universal`, complete with a copy of tag's meta.json
+        (a folder converted before it had one, or cut short, is converted again)."""
+        partial = PARTIAL_PREFIX + universal
+        shutil.rmtree(self.root / partial, ignore_errors=True)
+        self.convert(self.root / tag, self.root / partial)
+        shutil.copyfile(self.root / tag / META_NAME, self.root / partial / META_NAME)
+        update_pointers(self.out_dir, leaving={universal})
+        publish(self.root, partial, universal)
+        update_pointers(self.out_dir)

@@ -172,9 +172,10 @@ class Engine:
         """Collective: every rank calls it. Writes DeepSpeed state plus our client state under <dir>/<tag>.
 
         The universal_checkpoint_info entry lets ds_to_universal convert the checkpoint for another world size.
+        save_latest=False: DeepSpeed's `latest` would name <tag> before the Checkpointer renames it; it writes its own.
         """
         state = {**client_state, "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
-        self.engine.save_checkpoint(str(directory), tag=tag, client_state=state)
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state=state, save_latest=False)
 
     def load(self, directory: Path, tag: str) -> dict[str, Any]:
         path, client_state = self.engine.load_checkpoint(str(directory), tag=tag)
