@@ -62,6 +62,8 @@ class TrainConfig:
     max_steps: int = 100
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
+    # How long a rank waits to see a checkpoint that rank 0 published (a shared filesystem can show it late).
+    checkpoint_visibility_timeout_s: float = 120.0
     val_every: int = 50
     val_at_start: bool = False  # validate the untrained model first: the baseline the run must beat
     log_every: int = 1
@@ -75,6 +77,8 @@ class TrainConfig:
             raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
         if min(self.max_steps, self.checkpoint_every, self.val_every, self.log_every, self.grad_accum_steps) < 1:
             raise ValueError("max_steps, checkpoint_every, val_every, log_every and grad_accum_steps must be >= 1")
+        if self.checkpoint_visibility_timeout_s <= 0:
+            raise ValueError(f"checkpoint_visibility_timeout_s must be > 0, got {self.checkpoint_visibility_timeout_s}")
         if self.zero3_param_persistence_threshold is not None and self.zero3_param_persistence_threshold < 0:
             raise ValueError(f"zero3_param_persistence_threshold must be >= 0, got "
                              f"{self.zero3_param_persistence_threshold}")
