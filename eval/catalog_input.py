@@ -16,6 +16,7 @@ from sharding.catalog import make_key, normalise_ids, parse_splits, read_catalog
 from sharding.registry import SurveyConfig, load_survey
 
 DEFAULT_SPLITS = "train=0.8,val=0.1,test=0.1"  # sharding.build's default, so split labels agree with shards
+REJECT_COLUMNS = ["row", "object_id", "reason", "detail", "file"]
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from eval import metrics as m
-from eval.labels import Predictions, read_labels, read_predictions
+from eval.labels import Predictions, label_mask, read_labels, read_predictions
 from eval.score import cell, emit
 
 EXAMPLES = """examples:
@@ -39,19 +39,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_input(path: str, args: argparse.Namespace, label: str) -> Predictions:
-    """A prediction file as is; a run folder or export is predicted on --survey first (into --work)."""
+    """A prediction file as is; a run folder or export is predicted on --survey first (into --work/<label>/, in a
+    file named by its weights hash and the split, so a retrained model or another split is never served stale)."""
     if Path(path).is_file():
         return read_predictions(path)
     from eval import predict
 
     if not (args.shards and args.survey):
         raise ValueError(f"{path} is a model, not a prediction file: pass --shards and --survey to predict it first")
-    out = Path(args.work) / f"{label}.parquet"
-    if not out.exists():
-        predict.run(predict.parse_args(["--model", path, "--shards", args.shards, "--surveys", args.survey,
-                                        "--split", args.split, "--out", str(out), "--device", args.device,
-                                        "--no-progress"]))
-    return read_predictions(out)
+    return read_predictions(predict.cached_prediction(path, args.shards, args.survey, args.split,
+                                                      Path(args.work) / label, device=args.device))
 
 
 def labels_for(inputs: list[str]) -> list[str]:
@@ -86,19 +83,21 @@ def common_features(preds: dict[str, Predictions], label_columns: set[str],
     return features, dropped
 
 
-def gather(preds: dict[str, Predictions], surveys: list[str], shards: Path) -> tuple[pd.DataFrame, dict]:
-    """Label rows of the galaxies every input predicted (keys in all inputs and in labels.parquet)."""
+def gather(preds: dict[str, Predictions], surveys: list[str], shards: Path) -> tuple[pd.DataFrame, dict, dict]:
+    """Label rows of the galaxies every input predicted (keys in all inputs and in labels.parquet), the counts, and
+    the question -> features map of the shards."""
     keys = None
     for p in preds.values():
         ks = set(p.frame.loc[p.frame["survey"].isin(surveys), "key"].astype(str))
         keys = ks if keys is None else keys & ks
-    frames = []
+    frames, questions = [], {}
     for survey in surveys:
-        labels = read_labels(shards, survey).frame
-        frames.append(labels[labels.index.isin(keys)])
+        labels = read_labels(shards, survey)
+        frames.append(labels.frame[labels.frame.index.isin(keys)])
+        questions.update(labels.questions)
     rows = pd.concat(frames) if frames else pd.DataFrame()
     counts = {label: int(p.frame["survey"].isin(surveys).sum()) for label, p in preds.items()}
-    return rows.sort_index(), {"common": len(rows), "per_input": counts}
+    return rows.sort_index(), {"common": len(rows), "per_input": counts}, questions
 
 
 def compare(inputs: list[str], args: argparse.Namespace) -> dict:
@@ -112,14 +111,14 @@ def compare(inputs: list[str], args: argparse.Namespace) -> dict:
         raise ValueError(f"no survey is predicted by every input (they cover "
                          f"{ {k: p.surveys for k, p in preds.items()} })")
     shards = Path(args.shards) if args.shards else next(iter(preds.values())).shards(None)
-    rows, counts = gather(preds, surveys, shards)
+    rows, counts, questions = gather(preds, surveys, shards)
     if not len(rows):
         raise ValueError(f"no galaxy of {surveys} is predicted by every input and present in the labels")
     label_columns = set(rows.columns)
     labelled = {c for c in label_columns if pd.api.types.is_float_dtype(rows[c]) and rows[c].notna().any()}
     features, dropped = common_features(preds, label_columns, labelled)
     target = rows[features].to_numpy(np.float64)
-    mask = np.isfinite(target)
+    mask = label_mask(rows, features, questions)
     arrays = [p.frame.set_index(p.frame["key"].astype(str)).loc[rows.index, features].to_numpy(np.float64)
               for p in preds.values()]
     models = {}

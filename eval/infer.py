@@ -1,4 +1,4 @@
-"""One batch through a morphology model: vote fractions, question concentrations, pooled features, MC dropout."""
+"""One batch through a morphology model: vote fractions, raw head logits, pooled features, MC dropout."""
 
 from __future__ import annotations
 
@@ -8,15 +8,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.head import MorphologyModel, concentrations, fractions
+from models.head import MorphologyModel, fractions
 
 
 @dataclass
 class Outputs:
     fractions: np.ndarray  # (n, F) float32, dropout off (the same with or without MC samples)
-    concentration: np.ndarray  # (n, Q) float32 total Dirichlet concentration per question
+    logits: np.ndarray  # (n, F + K) float32 raw head outputs (named answers, then each incomplete question's other)
     embedding: np.ndarray  # (n, D) float32 pooled backbone features
     std: np.ndarray | None = None  # (n, F) float32 spread of the MC dropout passes
+    samples: np.ndarray | None = None  # (S, n, F + K) float32 raw logits of each MC pass (keep_samples only)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -43,17 +44,11 @@ def check_mc(model: MorphologyModel, mc_samples: int) -> None:
                          "model has none; MC dropout would give zero spread")
 
 
-def question_concentration(raw: torch.Tensor, model: MorphologyModel) -> torch.Tensor:
-    """(n, Q): the sum of each question's Dirichlet concentrations (named answers and its implicit 'other')."""
-    layout = model.layout
-    alpha = concentrations(raw, layout)
-    return (alpha[:, :layout.num_features] @ layout.feature_question.to(alpha)
-            + alpha[:, layout.num_features:] @ layout.other_question.to(alpha))
-
-
 @torch.no_grad()
-def infer(model: MorphologyModel, images: torch.Tensor, mc_samples: int = 0, seed: int = 0) -> Outputs:
-    """Deterministic forward; with mc_samples, also the spread of that many passes with dropout on, seeded by `seed`.
+def infer(model: MorphologyModel, images: torch.Tensor, mc_samples: int = 0, seed: int = 0,
+          keep_samples: bool = False) -> Outputs:
+    """Deterministic forward; with mc_samples, also the spread of that many passes with dropout on, seeded by `seed`
+    (and, with keep_samples, each pass's raw logits).
 
     The fractions stay the deterministic ones, so a prediction with MC samples only adds the spread."""
     model.eval()
@@ -61,8 +56,8 @@ def infer(model: MorphologyModel, images: torch.Tensor, mc_samples: int = 0, see
     images = images.to(device, torch.float32, non_blocking=True)
     pooled = model.embed(images)
     raw = model.head(pooled)
-    out = Outputs(fractions(raw, model.layout).float().cpu().numpy(),
-                  question_concentration(raw.float(), model).float().cpu().numpy(), pooled.float().cpu().numpy())
+    out = Outputs(fractions(raw, model.layout).float().cpu().numpy(), raw.float().cpu().numpy(),
+                  pooled.float().cpu().numpy())
     if mc_samples:
         backbone_dropout = has_dropout(model.backbone)
         samples = []
@@ -72,8 +67,11 @@ def infer(model: MorphologyModel, images: torch.Tensor, mc_samples: int = 0, see
             try:
                 for _ in range(mc_samples):
                     features = model.embed(images) if backbone_dropout else pooled
-                    samples.append(fractions(model.head(features), model.layout).float())
+                    samples.append(model.head(features).float())
             finally:
                 model.eval()
-        out.std = torch.stack(samples).std(dim=0, correction=1 if mc_samples > 1 else 0).cpu().numpy()
+        spread = torch.stack([fractions(raw_sample, model.layout) for raw_sample in samples])
+        out.std = spread.std(dim=0, correction=1 if mc_samples > 1 else 0).cpu().numpy()
+        if keep_samples:
+            out.samples = torch.stack(samples).cpu().numpy()
     return out

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from eval.metrics import MIN_VOTES
 from eval.store import read_metadata
 from sharding.schema import total_votes_column, votes_column
 
@@ -107,9 +108,26 @@ def align(frame: pd.DataFrame, names: list[str], labels: SurveyLabels, source: s
     rows = labels.frame.loc[frame["key"].astype(str)]
     pred = frame[kept].to_numpy(np.float64) if kept else np.zeros((len(frame), 0))
     target = rows[kept].to_numpy(np.float64) if kept else np.zeros((len(frame), 0))
-    mask = np.isfinite(target) & np.isfinite(pred)
+    mask = label_mask(rows, kept, labels.questions) & np.isfinite(pred)
     return Aligned(labels.survey, frame["key"].astype(str).tolist(), kept, pred, target, mask, rows, unmatched,
                    dropped)
+
+
+def label_mask(rows: pd.DataFrame, names: list[str], questions: dict[str, list[str]]) -> np.ndarray:
+    """(n, F) bool: the galaxies each feature is scored on, the same for r, its noise ceiling and every job.
+
+    A label counts where its fraction is finite and its question got at least MIN_VOTES votes: a fraction from
+    fewer votes is 0 or 1 and carries no estimate of its own noise. Where a survey records no vote total for the
+    question, every finite fraction counts (and the noise ceiling is undefined).
+    """
+    question_of = {f: q for q, fs in questions.items() for f in fs}
+    mask = np.zeros((len(rows), len(names)), bool)
+    for j, name in enumerate(names):
+        label = rows[name].to_numpy(np.float64) if name in rows.columns else np.full(len(rows), np.nan)
+        column = total_votes_column(question_of[name]) if name in question_of else None
+        totals = rows[column].to_numpy(np.float64) if column in rows.columns else np.full(len(rows), np.nan)
+        mask[:, j] = np.isfinite(label) & ~(np.isfinite(totals) & (totals < MIN_VOTES))
+    return mask
 
 
 def votes(aligned: Aligned, features: list[str]) -> np.ndarray:

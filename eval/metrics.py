@@ -1,4 +1,4 @@
-"""Regression metrics by feature with bootstrap intervals, noise ceilings, Dirichlet-multinomial NLL, accuracy.
+"""Regression metrics by feature with bootstrap intervals, noise ceilings, accuracy, predictive calibration.
 
 Pure numpy/scipy over (galaxies x features) arrays with a validity mask. The bootstrap resamples galaxies:
 a resample is a row of count weights (how often each galaxy was drawn), so every statistic of a resample is a
@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-from scipy.special import gammaln
-from scipy.stats import norm
+from scipy.stats import betabinom, binom
 
 METRICS = ("r", "spearman", "r2", "mae", "mse")
 CONFIDENT_FRACTION = 0.8  # Walmsley et al. 2022: volunteers agree on one answer at > 80%
 MIN_COUNT = 3  # fewer labelled galaxies than this: correlations are undefined (NaN)
+MIN_VOTES = 2  # a fraction from fewer votes is 0 or 1 and gives no estimate of its own binomial noise
 MAX_CHUNK_CELLS = 4_000_000  # bootstrap rows x galaxies held at once: bounds memory for big surveys
 
 
@@ -96,6 +96,11 @@ def metric_arrays(w: np.ndarray, pred: np.ndarray, target: np.ndarray, mask: np.
     return out
 
 
+def interval(samples: np.ndarray, level: float = 0.95) -> list[float]:
+    """Percentile interval of bootstrap samples (NaN when most resamples are undefined)."""
+    return _interval(np.asarray(samples, np.float64), level)
+
+
 def _interval(samples: np.ndarray, level: float) -> list[float]:
     finite = samples[np.isfinite(samples)]
     if len(finite) < max(10, 0.5 * len(samples)):  # mostly undefined resamples: no honest interval
@@ -109,6 +114,11 @@ def _mean_over_features(values: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         finite = np.isfinite(values)
         return np.where(finite.any(axis=1), np.nansum(values, axis=1) / np.maximum(finite.sum(axis=1), 1), np.nan)
+
+
+def mean_over_defined(values: np.ndarray) -> np.ndarray:
+    """(b, k) to (b,): each row's mean over its finite entries (NaN where none is), e.g. over surveys."""
+    return _mean_over_features(np.asarray(values, np.float64))
 
 
 def bootstrap(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, *, num_resamples: int = 1000, seed: int = 0,
@@ -146,7 +156,8 @@ def feature_table(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, names:
                   groups: dict[str, list[str]] | None = None, metrics: tuple[str, ...] = METRICS) -> dict:
     """{"features": {name: {n, r, r_ci, spearman, spearman_ci, r2, r2_ci, mae, mae_ci, mse, mse_ci}},
     "mean": {metric, metric_ci, num_features}, "groups": {group: mean over its features}}: point estimates on all
-    galaxies, percentile bootstrap intervals; "samples" holds the resampled mean over features of each metric."""
+    galaxies, percentile bootstrap intervals; "samples" holds the resampled mean over features of each metric,
+    "feature_point" and "feature_samples" each metric per feature ((F,) and (num_resamples, F) arrays)."""
     pred, target, mask = _check(pred, target, mask, names)
     point, samples = bootstrap(pred, target, mask, num_resamples=num_resamples, seed=seed, metrics=metrics)
     features = {}
@@ -157,7 +168,8 @@ def feature_table(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, names:
             row[f"{k}_ci"] = _interval(samples[k][:, j], level) if num_resamples else [float("nan")] * 2
         features[name] = row
     out = {"features": features, "mean": summarise(point, samples, level=level),
-           "samples": {k: _mean_over_features(v) for k, v in samples.items()}}
+           "samples": {k: _mean_over_features(v) for k, v in samples.items()},
+           "feature_point": point, "feature_samples": samples}
     if groups:
         index = {name: j for j, name in enumerate(names)}
         out["groups"] = {g: summarise(point, samples, [index[f] for f in fs if f in index], level)
@@ -169,6 +181,9 @@ def paired_differences(preds: list[np.ndarray], target: np.ndarray, mask: np.nda
                        seed: int = 0, level: float = 0.95, metrics: tuple[str, ...] = ("r", "mae"),
                        groups: dict[str, list[int]] | None = None) -> dict:
     """Mean-over-features metric of model i minus model j on the same resamples, for every pair i < j.
+
+    Each difference averages the features both models define in that resample (a feature whose r is undefined
+    for one of them, e.g. a constant prediction, leaves the pair's mean), so it never compares two feature sets.
 
     {(i, j): {metric: {"diff": x, "ci": [lo, hi], "p_gt0": share of resamples with a positive difference},
     "groups": {group: {metric: ...}}}} (groups: columns whose mean is compared, e.g. a question's answers).
@@ -183,8 +198,8 @@ def paired_differences(preds: list[np.ndarray], target: np.ndarray, mask: np.nda
                 c = slice(None) if cols is None else cols
                 entry = {}
                 for k in metrics:
-                    diff = (_mean_over_features(runs[i][1][k][:, c]) - _mean_over_features(runs[j][1][k][:, c]))
-                    d0 = (_mean_over_features(runs[i][0][k][None, c]) - _mean_over_features(runs[j][0][k][None, c]))[0]
+                    diff = _shared_mean_difference(runs[i][1][k][:, c], runs[j][1][k][:, c])
+                    d0 = _shared_mean_difference(runs[i][0][k][None, c], runs[j][0][k][None, c])[0]
                     finite = diff[np.isfinite(diff)]
                     entry[k] = {"diff": _float(d0), "ci": _interval(diff, level),
                                 "p_gt0": float(np.mean(finite > 0)) if len(finite) else float("nan")}
@@ -196,9 +211,16 @@ def paired_differences(preds: list[np.ndarray], target: np.ndarray, mask: np.nda
     return out
 
 
-def difference_interval(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> list[float]:
-    """Interval of a - b from independent bootstrap samples (different galaxies, e.g. in- vs out-of-distribution)."""
-    return _interval(np.asarray(a) - np.asarray(b), level)
+def _shared_mean_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row means of a - b over the features defined (finite) in both a and b: (b, F) arrays to (b,)."""
+    both = np.isfinite(a) & np.isfinite(b)
+    return _mean_over_features(np.where(both, a - b, np.nan))
+
+
+def shared_mean_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Public form of the paired rule: (b, F) per-feature metrics of two sides to (b,) mean differences over the
+    features both define (e.g. in-distribution minus held-out r, resample by resample)."""
+    return _shared_mean_difference(np.atleast_2d(a), np.atleast_2d(b))
 
 
 def noise_ceiling_r(fraction: np.ndarray, total_votes: np.ndarray) -> float:
@@ -207,60 +229,20 @@ def noise_ceiling_r(fraction: np.ndarray, total_votes: np.ndarray) -> float:
     With f_obs = k / N and k ~ Binomial(N, f_true), the best prediction is f_true and
     corr(f_true, f_obs)^2 = var(f_true) / var(f_obs) = 1 - E[f_true (1 - f_true) / N] / var(f_obs), where
     f_obs (1 - f_obs) / (N - 1) estimates f_true (1 - f_true) / N without bias. Needs only fractions and vote
-    totals, so it works on real catalogs; galaxies with fewer than 2 votes carry no noise estimate and are left out.
-    Real volunteers are over-dispersed relative to the binomial, so this is an upper bound on what is reachable.
+    totals, so it works on real catalogs. Real volunteers are over-dispersed relative to the binomial, so this is an
+    upper bound on what is reachable. It is the ceiling of r on exactly the galaxies given: give it the galaxies r
+    was computed on. A galaxy with fewer than MIN_VOTES votes (or none recorded) carries no estimate of its own
+    noise, so its presence makes the ceiling undefined (NaN) rather than one over other galaxies.
     """
     f = np.asarray(fraction, np.float64)
     n = np.asarray(total_votes, np.float64)
-    keep = np.isfinite(f) & np.isfinite(n) & (n >= 2)
-    f, n = f[keep], n[keep]
-    if len(f) < MIN_COUNT:
+    if not (np.isfinite(f).all() and np.isfinite(n).all() and (n >= MIN_VOTES).all()) or len(f) < MIN_COUNT:
         return float("nan")
     var = f.var()
     if var <= 1e-12:  # constant labels (up to rounding): no correlation is defined
         return float("nan")
     noise = np.mean(f * (1.0 - f) / (n - 1.0))
     return float(np.sqrt(max(0.0, 1.0 - noise / var)))
-
-
-def dirichlet_multinomial_nll(counts: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """-log p(counts | alpha) of the Dirichlet-multinomial, one value per row of (n, K) counts and concentrations."""
-    counts = np.asarray(counts, np.float64)
-    alpha = np.asarray(alpha, np.float64)
-    total, total_alpha = counts.sum(axis=1), alpha.sum(axis=1)
-    log_p = (gammaln(total + 1) + gammaln(total_alpha) - gammaln(total + total_alpha)
-             + (gammaln(counts + alpha) - gammaln(alpha) - gammaln(counts + 1)).sum(axis=1))
-    return -log_p
-
-
-def question_nll(fractions: np.ndarray, concentration: np.ndarray, votes: np.ndarray, total_votes: np.ndarray,
-                 has_other: bool) -> np.ndarray:
-    """(n,) Dirichlet-multinomial NLL of one question's votes from predicted fractions and total concentration.
-
-    `fractions` (n, k) are the question's named answers; alpha_j = f_j * A. As in training, a rest bucket holds
-    the votes of answers the survey lacks (NaN vote columns) and, for a question with an implicit "other"
-    answer (`has_other`), the votes outside the named answers (total - named) with alpha (1 - sum f) * A.
-    Merging categories of a Dirichlet-multinomial sums their alphas and counts, so this is exact and matches
-    models.losses.dirichlet_multinomial_nll. NaN for galaxies without votes.
-    """
-    f = np.clip(np.asarray(fractions, np.float64), 0.0, 1.0)
-    a = np.asarray(concentration, np.float64)
-    present = np.isfinite(votes)
-    counts = np.where(present, votes, 0.0)
-    has_rest = (~present).any(axis=1) | has_other
-    rest_votes = np.where(has_rest, np.clip(total_votes - counts.sum(axis=1), 0.0, None), 0.0)
-    alpha = np.maximum(f * a[:, None], 1e-30)
-    other = np.maximum(1.0 - f.sum(axis=1), 0.0) * a if has_other else np.zeros_like(a)
-    rest_alpha = np.maximum(other + np.where(present, 0.0, alpha).sum(axis=1), 1e-30)
-    num_votes = counts.sum(axis=1) + rest_votes
-
-    def term(k, alpha_k):
-        return gammaln(k + alpha_k) - gammaln(alpha_k) - gammaln(k + 1)
-
-    log_p = (gammaln(num_votes + 1) + gammaln(a) - gammaln(num_votes + a)
-             + np.where(present, term(counts, alpha), 0.0).sum(axis=1)
-             + np.where(has_rest, term(rest_votes, rest_alpha), 0.0))
-    return np.where(np.isfinite(total_votes) & (total_votes > 0), -log_p, np.nan)
 
 
 def confident_accuracy(pred: np.ndarray, target: np.ndarray, threshold: float = CONFIDENT_FRACTION) -> tuple[float, int]:
@@ -279,14 +261,45 @@ def confident_accuracy(pred: np.ndarray, target: np.ndarray, threshold: float = 
     return float(agree.mean()), int(confident.sum())
 
 
-def coverage_curve(mean: np.ndarray, std: np.ndarray, target: np.ndarray, mask: np.ndarray,
-                   levels: tuple[float, ...] = (0.5, 0.68, 0.8, 0.9, 0.95, 0.99)) -> list[dict]:
-    """Calibration of MC-dropout intervals: share of labels inside mean +- z(level) * std, per nominal level."""
-    ok = mask & np.isfinite(mean) & np.isfinite(std) & np.isfinite(target)
-    err = np.abs(mean - target)[ok]
-    sd = std[ok]
-    return [{"nominal": lv, "coverage": float(np.mean(err <= norm.ppf(0.5 + lv / 2) * sd)) if len(err) else float("nan")}
-            for lv in levels]
+COVERAGE_LEVELS = (0.5, 0.68, 0.8, 0.9, 0.95, 0.99)
+
+
+def binomial_mixture_cdf(votes: np.ndarray, total: np.ndarray, p_samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(P(K < k), P(K <= k)) of the votes K an answer gets from `total` volunteers, K ~ Binomial(total, p) with p
+    one of the model's MC samples (S, ...) at random: the model's spread plus each galaxy's own vote noise."""
+    p = np.clip(np.asarray(p_samples, np.float64), 0.0, 1.0)
+    return binom.cdf(votes - 1, total, p).mean(axis=0), binom.cdf(votes, total, p).mean(axis=0)
+
+
+def beta_binomial_mixture_cdf(votes: np.ndarray, total: np.ndarray, alpha: np.ndarray,
+                              alpha_total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(P(K < k), P(K <= k)) under the Dirichlet-multinomial predictive of a Dirichlet model: an answer's votes are
+    BetaBinomial(total, alpha_j, A - alpha_j) (its marginal), mixed over the MC samples (S, ...) of alpha_j and A."""
+    a = np.asarray(alpha, np.float64)
+    b = np.maximum(np.asarray(alpha_total, np.float64) - a, 1e-30)
+    return betabinom.cdf(votes - 1, total, a, b).mean(axis=0), betabinom.cdf(votes, total, a, b).mean(axis=0)
+
+
+def predictive_coverage(below: np.ndarray, at: np.ndarray,
+                        levels: tuple[float, ...] = COVERAGE_LEVELS) -> list[dict]:
+    """Share of observed vote counts inside the central predictive interval of each nominal level.
+
+    `below`, `at` are P(K < k) and P(K <= k) of each observed count k under its predictive distribution. Counts are
+    discrete, so an interval edge can fall inside the step at k: the randomised PIT u ~ U(below, at) splits that
+    step, and each galaxy counts with the probability that u lies in [(1 - level) / 2, (1 + level) / 2]. A
+    predictive equal to the truth makes u uniform, so its coverage is the nominal level, whatever the vote counts.
+    """
+    below, at = np.asarray(below, np.float64).ravel(), np.asarray(at, np.float64).ravel()
+    ok = np.isfinite(below) & np.isfinite(at)
+    below, at = below[ok], at[ok]
+    width = at - below
+    out = []
+    for level in levels:
+        lo, hi = (1 - level) / 2, (1 + level) / 2
+        overlap = np.clip(np.minimum(at, hi) - np.maximum(below, lo), 0.0, None)
+        inside = np.where(width > 0, overlap / np.where(width > 0, width, 1.0), 0.0)
+        out.append({"nominal": level, "coverage": float(inside.mean()) if len(inside) else float("nan")})
+    return out
 
 
 def _check(pred, target, mask, names) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

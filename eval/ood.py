@@ -74,19 +74,11 @@ def study_config(args: argparse.Namespace) -> OODConfig:
 
 
 def predictions(cfg: OODConfig, name: str, run: str, survey: str, split: str, quiet: bool) -> Path:
-    """Predictions of one run on one survey, reused when a finished file of the same model is there."""
+    """Predictions of one run on one survey split, reused only when made by the same weights on the same split."""
     from eval import predict
 
-    out = Path(cfg.out) / "preds" / name / f"{survey}.parquet"
-    weights = sources.open_source(run).record()["weights_sha256"]
-    if out.is_file():
-        meta = read_predictions(out).metadata
-        if meta.get("model", {}).get("weights_sha256") == weights and meta.get("inputs", {}).get("split") == split:
-            return out
-    argv = ["--model", run, "--shards", cfg.shards, "--surveys", survey, "--split", split, "--out", str(out),
-            "--batch-size", str(cfg.batch_size), "--device", cfg.device, "--overwrite"]
-    predict.run(predict.parse_args(argv + (["--no-progress"] if quiet else [])))
-    return out
+    return predict.cached_prediction(run, cfg.shards, survey, split, Path(cfg.out) / "preds" / name,
+                                     batch_size=cfg.batch_size, device=cfg.device, quiet=quiet)
 
 
 def _questions(labels, features: list[str]) -> dict[str, list[str]]:
@@ -116,7 +108,7 @@ def held_out_scores(cfg: OODConfig, files: dict[str, Path]) -> dict:
         runs[name] = {"n": len(keys), "mean": table["mean"], "questions": table["groups"],
                       "features": {f: {k: v for k, v in r.items() if k in ("n", "r", "r_ci")}
                                    for f, r in table["features"].items()},
-                      "_samples": table["samples"]}
+                      "_point": table["feature_point"]["r"], "_samples": table["feature_samples"]["r"]}
     columns = {q: [features.index(f) for f in fs] for q, fs in questions.items()}
     names = list(arrays)
     diffs = m.paired_differences([arrays[n] for n in names], target, mask, num_resamples=cfg.bootstrap, seed=cfg.seed,
@@ -135,19 +127,44 @@ def _flip(d: dict) -> dict:
 
 
 def in_distribution(cfg: OODConfig, name: str, files: dict[str, Path], features: list[str]) -> dict:
-    """Mean metrics on the run's own training surveys' test splits, pooled (the drop compares with this)."""
-    preds, targets, per_survey = [], [], {}
-    for survey, path in files.items():
+    """Metrics on each of the run's own training surveys' test splits, and their mean over surveys.
+
+    Never pooled: r over galaxies of several surveys would credit the model with the variance between surveys,
+    so a mixed run's in-distribution r would not be comparable with a single-survey run's. Each survey keeps its
+    per-feature r (point and resamples, over `features`, NaN where the survey has no label) for the drop.
+    """
+    per_survey, mean_samples, points, samples = {}, [], [], []
+    for offset, (survey, path) in enumerate(files.items()):
         aligned = align(read_predictions(path).frame, features, read_labels(Path(cfg.shards), survey), str(path))
         table = m.feature_table(aligned.pred, aligned.target, aligned.mask, aligned.names,
-                                num_resamples=cfg.bootstrap, seed=cfg.seed, metrics=METRICS)
+                                num_resamples=cfg.bootstrap, seed=cfg.seed + 1 + offset, metrics=METRICS)
         per_survey[survey] = {"n": len(aligned.keys), "mean": table["mean"], "preds": str(path)}
-        preds.append(aligned.pred)
-        targets.append(aligned.target)
-    pred, target = np.concatenate(preds), np.concatenate(targets)
-    pooled = m.feature_table(pred, target, np.isfinite(target), features, num_resamples=cfg.bootstrap,
-                             seed=cfg.seed + 1, metrics=METRICS)
-    return {"surveys": per_survey, "pooled": {"n": len(pred), "mean": pooled["mean"]}, "_samples": pooled["samples"]}
+        mean_samples.append(table["samples"])
+        columns = [features.index(n) for n in aligned.names]
+        points.append(np.full(len(features), np.nan))
+        points[-1][columns] = table["feature_point"]["r"]
+        samples.append(np.full((cfg.bootstrap, len(features)), np.nan))
+        samples[-1][:, columns] = table["feature_samples"]["r"]
+    defined = [s for s, res in per_survey.items() if np.isfinite(res["mean"]["r"])]
+    mean: dict = {"surveys": defined, "num_surveys": len(defined)}  # a survey without a defined r is left out
+    for k in METRICS:
+        mean[k] = float(m.mean_over_defined([[per_survey[s]["mean"][k] for s in defined]])[0])
+        # The surveys' resamples are independent: the mean of one resample of each is a resample of the mean.
+        rows = m.mean_over_defined(np.stack([mean_samples[list(per_survey).index(s)][k] for s in defined], axis=1)) \
+            if defined else np.zeros(0)
+        mean[f"{k}_ci"] = m.interval(rows)
+    return {"surveys": per_survey, "mean": mean, "_point": points, "_samples": samples}
+
+
+def drop_in_r(ind: dict, held: dict) -> dict:
+    """In-distribution minus held-out r: per training survey on the features both it and the held-out survey
+    define, then the mean over surveys; the interval from independent resamples (different galaxies)."""
+    point = m.mean_over_defined([[m.shared_mean_difference(p, held["_point"])[0] for p in ind["_point"]]])[0]
+    if not len(held["_samples"]):
+        return {"r": float(point), "r_ci": [float("nan")] * 2}
+    rows = m.mean_over_defined(np.stack([m.shared_mean_difference(s, held["_samples"]) for s in ind["_samples"]],
+                                        axis=1))
+    return {"r": float(point), "r_ci": m.interval(rows)}
 
 
 def run_study(cfg: OODConfig, quiet: bool = False, log=print) -> dict:
@@ -166,12 +183,12 @@ def run_study(cfg: OODConfig, quiet: bool = False, log=print) -> dict:
         run = result["runs"][name]
         files = {s: predictions(cfg, name, cfg.runs[name], s, cfg.id_split, quiet) for s in source.training_surveys}
         ind = in_distribution(cfg, name, files, result["features"])
-        drop = ind["pooled"]["mean"]["r"] - run["mean"]["r"]
         run.update(export=str(source.path), model=source.record(), training_surveys=source.training_surveys,
                    preds={cfg.held_out: str(held[name]), **{s: str(p) for s, p in files.items()}},
-                   in_distribution={k: v for k, v in ind.items() if k != "_samples"},
-                   drop={"r": drop, "r_ci": m.difference_interval(ind["_samples"]["r"], run["_samples"]["r"])})
+                   in_distribution={k: v for k, v in ind.items() if not k.startswith("_")},
+                   drop=drop_in_r(ind, run))
         run.pop("_samples")
+        run.pop("_point")
     result["gain_plot"] = write_gain_plot(result, Path(cfg.out))
     return result
 
@@ -196,10 +213,12 @@ def format_study(result: dict) -> str:
              f"{len(result['features'])} features",
              f"{'run':<16}{'trained on':<22}{'ID r (test)':<24}{'held-out r':<24}{'R^2':<8}{'MAE':<8}{'drop':<24}"]
     for name, run in result["runs"].items():
-        mean, ind = run["mean"], run["in_distribution"]["pooled"]["mean"]
+        mean, ind = run["mean"], run["in_distribution"]["mean"]
         lines.append(f"{name:<16}{'+'.join(run['training_surveys']):<22}{cell(ind['r'], ind['r_ci']):<24}"
                      f"{cell(mean['r'], mean['r_ci']):<24}{cell(mean['r2']):<8}{cell(mean['mae']):<8}"
                      f"{cell(run['drop']['r'], run['drop']['r_ci']):<24}")
+    lines.append("ID r: the mean over a run's training surveys of each survey's own r (never pooled); drop: ID minus "
+                 "held-out r on the features both define")
     for pair in result["pairs"]:
         lines.append(f"{pair['a']} - {pair['b']} on {result['held_out']}: r {cell(pair['r']['diff'], pair['r']['ci'])}"
                      f" (P(>0) {pair['r']['p_gt0']:.2f}), MAE {cell(pair['mae']['diff'], pair['mae']['ci'])}")

@@ -71,7 +71,8 @@ def hexbins(panels: list[tuple[str, np.ndarray, np.ndarray]]) -> bytes:
 
 
 def calibration(curves: dict[str, list[dict]]) -> bytes:
-    """MC-dropout interval coverage against the nominal level, one line per survey."""
+    """Predictive-interval coverage (MC-dropout spread plus vote noise) against the nominal level, one line per
+    survey."""
     fig, ax = plt.subplots(figsize=(4.2, 4.0))
     ax.plot([0, 1], [0, 1], color="0.5", ls="--", lw=0.8, label="perfect")
     for i, (name, points) in enumerate(curves.items()):
@@ -82,7 +83,7 @@ def calibration(curves: dict[str, list[dict]]) -> bytes:
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
-    ax.set_title("MC-dropout calibration", fontsize=9)
+    ax.set_title("predictive calibration (MC spread + vote noise)", fontsize=9)
     return _png(fig)
 
 

@@ -1,8 +1,9 @@
 """`python -m eval predict`: batch inference on built shards or on a catalog + image folder, resumable.
 
 Output: one Parquet row per galaxy with key, survey, object_id, split and one float column per feature NAME
-(`<feature>__std` with MC dropout, `<question>__concentration` for the Dirichlet NLL), the model's provenance in
-the file's metadata; optionally the pooled backbone features in a zarr store.
+(`<feature>__std` with MC dropout; the raw head outputs `<feature>__logit` and `<question>__other_logit`, which
+`eval metrics` scores with the training loss), the model's provenance in the file's metadata; unreadable inputs in
+`<out>.rejects.parquet`; optionally the pooled backbone features in a zarr store.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from eval import catalog_input, source as sources
+from eval import catalog_input, reading, source as sources
 from eval.infer import Outputs, check_mc, infer, resolve_device
-from eval.store import EmbeddingStore, PartStore, frame_from_columns
-from loaders.evaluation import iter_eval_batches, plain_image
+from eval.nll import logit_column, other_logit_column
+from eval.store import EmbeddingStore, PartStore, frame_from_columns, read_metadata
+from loaders.evaluation import plain_image
 from loaders.loader import LoaderConfig
+from loaders.shards import load_survey_shards
 from models.backbone import pooled_size
 from sharding.writer import sha256_of
 
@@ -32,7 +35,8 @@ EXAMPLES = """examples:
   python -m eval predict --model runs/mixed/export --shards data/shards --surveys sdss,decals --split test \\
       --out id.parquet --embeddings id.zarr --mc-samples 20
   python -m eval predict --model runs/mixed --catalog new.csv --images cutouts/ --survey decals --out new.parquet
-A killed prediction resumes when re-run with the same arguments and gives the same file."""
+A killed prediction resumes when re-run with the same arguments and gives the same file. An unreadable sample is
+recorded in <out>.rejects.parquet (key, shard, reason) and skipped; past --max-error-rate the job stops."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, help="must equal the model's input size when given")
     parser.add_argument("--rows-per-part", type=int, default=4096,
                         help="galaxies per durable part (rounded to whole batches): what a resume may redo")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out (and its unfinished parts)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out (and its unfinished parts) and start a new --embeddings store")
+    parser.add_argument("--max-error-rate", type=float, default=reading.MAX_ERROR_RATE,
+                        help="share of unreadable samples (per survey split) past which the job stops, as training's "
+                             "loader.max_error_rate")
+    parser.add_argument("--error-min-reads", type=int, default=reading.MIN_READS,
+                        help="samples read before --max-error-rate applies (one early bad sample is no trend)")
     parser.add_argument("--no-progress", action="store_true")
     add_model_args(parser)
     return parser.parse_args(argv)
@@ -111,16 +121,16 @@ def _mc_seed(seed: int, stream: int, row: int) -> int:
 
 
 def output_frame(outs: list[Outputs], keys: list[str], survey: str, object_ids: list[str], splits: list[str],
-                 names: list[str], questions: list[str]) -> pd.DataFrame:
+                 names: list[str], other_questions: list[str]) -> pd.DataFrame:
     columns: dict = {"key": keys, "survey": [survey] * len(keys), "object_id": object_ids, "split": splits}
-    empty = np.zeros((0, len(names)), np.float32)
-    frac = np.concatenate([o.fractions for o in outs]) if outs else empty
+    raw_names = [logit_column(n) for n in names] + [other_logit_column(q) for q in other_questions]
+    frac = np.concatenate([o.fractions for o in outs]) if outs else np.zeros((0, len(names)), np.float32)
     std = np.concatenate([o.std for o in outs]) if outs and outs[0].std is not None else None
-    conc = np.concatenate([o.concentration for o in outs]) if outs else np.zeros((0, len(questions)), np.float32)
+    logits = np.concatenate([o.logits for o in outs]) if outs else np.zeros((0, len(raw_names)), np.float32)
     columns.update({name: frac[:, j].astype(np.float32) for j, name in enumerate(names)})
     if std is not None:
         columns.update({f"{name}__std": std[:, j].astype(np.float32) for j, name in enumerate(names)})
-    columns.update({f"{q}__concentration": conc[:, j].astype(np.float32) for j, q in enumerate(questions)})
+    columns.update({name: logits[:, j].astype(np.float32) for j, name in enumerate(raw_names)})
     return frame_from_columns(columns)
 
 
@@ -133,11 +143,13 @@ class Predictor:
         self.model = sources.load_model(source, self.device)
         check_mc(self.model, args.mc_samples)
         self.names, self.questions = source.names, self.model.schema.question_names
+        self.other_questions = list(self.model.layout.other_questions)
         self.store = PartStore(Path(args.out), signature, args.overwrite)
         self.dims = pooled_size(self.model.config)
         self.embeddings, self.next_row = None, 0
         if args.embeddings:
-            self.embeddings = EmbeddingStore(Path(args.embeddings), self.dims, args.embeddings_dtype)
+            self.embeddings = EmbeddingStore(Path(args.embeddings), self.dims, args.embeddings_dtype,
+                                             new=args.overwrite)
             start = self.store.remember("embeddings_start", len(self.embeddings))
             self.next_row = start + self.store.rows_done()
             self.embeddings.truncate(self.next_row)
@@ -155,17 +167,18 @@ class Predictor:
             clash = [k for k in keys if k in self._earlier_keys]
             if clash:
                 raise ValueError(f"{self.embeddings.path} already holds {len(clash)} of these galaxies (e.g. "
-                                 f"{clash[:3]}) from an earlier prediction; write to a new --embeddings store")
+                                 f"{clash[:3]}) from an earlier prediction; write to a new --embeddings store, or "
+                                 "pass --overwrite to start this one anew")
             # Embeddings first: a part that exists always has its rows in the store.
             self.embeddings.write(self.next_row, keys, vectors)
             self.next_row += len(frame)
         self.store.write(stream.index, block, frame, rejects)
 
-    def finish(self, metadata: dict, rejects_out: Path | None) -> int:
+    def finish(self, metadata: dict, rejects_out: Path, reject_columns: list[str]) -> int:
         self.bar.close()
         if self.embeddings is not None:
             self.embeddings.add_run({"predictions": str(self.args.out), **metadata})
-        return self.store.finish(metadata, rejects_out)
+        return self.store.finish(metadata, rejects_out, reject_columns)
 
 
 def _batched(iterable, size: int):
@@ -176,6 +189,7 @@ def _batched(iterable, size: int):
 
 def predict_shards(job: Predictor, streams: list[Stream], root: Path, spec: sources.InputSpec,
                    backend: str) -> None:
+    """Every readable sample of each stream, one durable part per block of the split's rows; rejects with the part."""
     args = job.args
     cfg = LoaderConfig(shard_root=str(root), backend="torch", image_size=spec.image_size, mean=spec.mean,
                        std=spec.std, device="gpu" if job.device.type == "cuda" else "cpu",
@@ -184,20 +198,25 @@ def predict_shards(job: Predictor, streams: list[Stream], root: Path, spec: sour
     for stream in streams:
         labels = pd.read_parquet(root / stream.survey / "labels.parquet", columns=["key", "object_id"])
         object_id = dict(zip(labels["key"], labels["object_id"].astype(str)))
+        info = load_survey_shards(root / stream.survey, stream.split)
+        refs = reading.split_refs(info)
         first = job.store.done_blocks(stream.index)
-        job.bar.update(min(first * per_block, stream.num_inputs))
-        batches = iter_eval_batches(cfg, stream.survey, stream.split, batch_size=args.batch_size,
-                                    start=first * per_block, backend=backend)
-        for block, group in enumerate(_batched(batches, per_block // args.batch_size), start=first):
-            outs, keys, row = [], [], block * per_block
-            for batch in group:
-                outs.append(job.infer(batch.images, stream.index, row))
+        done = min(first * per_block, len(refs))
+        rejects = reading.Rejects(info, stream.split, args.max_error_rate, args.error_min_reads, num_read=done,
+                                  num_bad=job.store.num_rejects(stream.index))
+        job.bar.update(done)
+        for block in range(first, -(-len(refs) // per_block)):
+            rows = np.arange(block * per_block, min((block + 1) * per_block, len(refs)))
+            outs, keys = [], []
+            for batch in reading.iter_batches(cfg, info, refs[rows], rows, batch_size=args.batch_size,
+                                              rejects=rejects, backend=backend):
+                outs.append(job.infer(batch.images, stream.index, int(batch.rows[0])))
                 keys += batch.keys
-                row += len(batch)
-                job.bar.update(len(batch))
+            job.bar.update(len(rows))
             frame = output_frame(outs, keys, stream.survey, [object_id[k] for k in keys], [stream.split] * len(keys),
-                                 job.names, job.questions)
-            job.write_block(stream, block, frame, np.concatenate([o.embedding for o in outs]), [])
+                                 job.names, job.other_questions)
+            vectors = np.concatenate([o.embedding for o in outs]) if outs else np.zeros((0, job.dims), np.float32)
+            job.write_block(stream, block, frame, vectors, rejects.take())
 
 
 def predict_catalog(job: Predictor, rows: list, settings: catalog_input.RenderSettings, survey: str,
@@ -220,7 +239,7 @@ def predict_catalog(job: Predictor, rows: list, settings: catalog_input.RenderSe
         job.bar.update(len(group))
         picked = [row for row, _ in good]
         frame = output_frame(outs, [r.key for r in picked], survey, [r.object_id for r in picked],
-                             [r.split for r in picked], job.names, job.questions)
+                             [r.split for r in picked], job.names, job.other_questions)
         vectors = np.concatenate([o.embedding for o in outs]) if outs else np.zeros((0, job.dims), np.float32)
         job.write_block(stream, block, frame, vectors, rejects)
 
@@ -246,7 +265,7 @@ def run(args: argparse.Namespace) -> dict:
                   "render": vars(settings)}
         job = Predictor(args, source, {**common, **inputs}, len(rows))
         predict_catalog(job, rows, settings, survey.name, spec)
-        rejects_out = Path(str(args.out).removesuffix(".parquet") + ".rejects.parquet")
+        reject_columns = catalog_input.REJECT_COLUMNS
     else:
         if not (args.shards and args.surveys):
             raise ValueError("give --shards ROOT --surveys a,b (or --catalog, --images and --survey)")
@@ -257,11 +276,19 @@ def run(args: argparse.Namespace) -> dict:
                   "manifests": {s: sha256_of(root / s / "manifest.json") for s in manifests}}
         job = Predictor(args, source, {**common, **inputs}, sum(s.num_inputs for s in streams))
         predict_shards(job, streams, root, spec, backend)
-        rejects_out = None
+        reject_columns = reading.REJECT_COLUMNS
     metadata = {"model": source.record(), "inputs": inputs, "mc_samples": args.mc_samples, "seed": args.seed,
-                "backend": backend, "device": device.type, "names": job.names, "questions": job.questions}
-    rows_written = job.finish(metadata, rejects_out)
-    return {"rows": rows_written, "out": str(args.out), "rejects": str(rejects_out) if rejects_out else None}
+                "backend": backend, "device": device.type, "names": job.names, "questions": job.questions,
+                "other_questions": job.other_questions}
+    rejects_out = rejects_path(args.out)
+    rows_written = job.finish(metadata, rejects_out, reject_columns)
+    return {"rows": rows_written, "out": str(args.out), "rejects": str(rejects_out),
+            "num_rejects": len(pd.read_parquet(rejects_out, columns=[]))}
+
+
+def rejects_path(out: str | Path) -> Path:
+    """Where a prediction's unreadable inputs are listed: <out without .parquet>.rejects.parquet."""
+    return Path(str(out).removesuffix(".parquet") + ".rejects.parquet")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,10 +299,32 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    extra = f"; rejected inputs in {summary['rejects']}" if summary["rejects"] else ""
+    extra = f"; {summary['num_rejects']} unreadable inputs listed in {summary['rejects']}" \
+        if summary["num_rejects"] else ""
     print(f"wrote {summary['rows']} predictions to {summary['out']}{extra}")
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def cached_prediction(model: str | Path, shards: str | Path, survey: str, split: str, folder: str | Path, *,
+                      batch_size: int = 64, device: str = "auto", quiet: bool = True) -> Path:
+    """A model's predictions on one survey split, under `folder` in a file named by split and weights hash.
+
+    A finished file is reused only when its provenance names the same weights (sha256), survey, split and shard
+    manifest; anything else (a retrained model, another split, rebuilt shards) is predicted anew."""
+    weights = sources.open_source(model).record()["weights_sha256"]
+    out = Path(folder) / f"{survey}-{split}-{weights[:16]}.parquet"
+    manifest = sha256_of(Path(shards) / survey / "manifest.json")
+    if out.is_file():
+        meta = read_metadata(out)
+        inputs = meta.get("inputs", {})
+        if (meta.get("model", {}).get("weights_sha256"), inputs.get("split"), inputs.get("manifests")) == \
+                (weights, split, {survey: manifest}):
+            return out
+    argv = ["--model", str(model), "--shards", str(shards), "--surveys", survey, "--split", split, "--out", str(out),
+            "--batch-size", str(batch_size), "--device", device, "--overwrite"]
+    run(parse_args(argv + (["--no-progress"] if quiet else [])))
+    return out

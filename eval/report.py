@@ -80,20 +80,25 @@ def _model_line(model: dict) -> str:
 
 def metrics_section(data: dict, worst: int) -> str:
     parts = [f"<h2>Metrics: {html.escape(Path(data['predictions']).name)}</h2>", _model_line(data.get("model", {}))]
+    with_nll = any("nll" in r for r in data["surveys"].values())
     rows = [[html.escape(s), str(r["n"]), _num(r["mean"]["r"], r["mean"]["r_ci"]), _num(r["mean"]["r2"], r["mean"]["r2_ci"]),
-             _num(r["mean"]["mae"], r["mean"]["mae_ci"]), _num(r["mean"].get("ceiling_r")), _num(r.get("nll"))]
-            for s, r in data["surveys"].items()]
-    parts.append(_table(["survey", "galaxies", "mean r [95% CI]", "R^2", "MAE", "noise ceiling r", "Dirichlet NLL"],
-                        rows))
+             _num(r["mean"]["mae"], r["mean"]["mae_ci"]), _num(r["mean"].get("ceiling_r"))]
+            + ([_num(r.get("nll"))] if with_nll else []) for s, r in data["surveys"].items()]
+    parts.append(_table(["survey", "galaxies", "mean r [95% CI]", "R^2", "MAE", "noise ceiling r"]
+                        + (["Dirichlet NLL"] if with_nll else []), rows))
+    reasons = sorted({r["nll_absent"] for r in data["surveys"].values() if "nll_absent" in r})
+    parts += [f"<p class=note>{html.escape(reason)}.</p>" for reason in reasons]
     parts.append(_img(plots.feature_bars(data["surveys"]), "r per feature"))
     for survey, res in data["surveys"].items():
         feature_rows = [[html.escape(n), str(f["n"]), _num(f["r"], f["r_ci"]), _num(f["spearman"]), _num(f["r2"]),
                          _num(f["mae"]), _num(f.get("ceiling_r"))] for n, f in res["features"].items() if f["n"]]
-        question_rows = [[html.escape(q), _num(row.get("nll")), _num(row["accuracy"]), str(row["n_confident"])]
+        question_rows = [[html.escape(q)] + ([_num(row.get("nll"))] if with_nll else [])
+                         + [_num(row["accuracy"]), str(row["n_confident"])]
                          for q, row in res.get("questions", {}).items()]
         parts.append(f"<details><summary>{html.escape(survey)}: every feature and question</summary>"
                      + _table(["feature", "n", "r [95% CI]", "Spearman", "R^2", "MAE", "ceiling"], feature_rows)
-                     + _table(["question", "NLL", "confident accuracy", "confident galaxies"], question_rows)
+                     + _table(["question"] + (["NLL"] if with_nll else []) + ["confident accuracy",
+                                                                               "confident galaxies"], question_rows)
                      + "</details>")
     parts += _prediction_views(data, worst)
     return "\n".join(parts)
@@ -153,7 +158,7 @@ def compare_section(data: dict) -> str:
 def ood_section(data: dict) -> str:
     rows = []
     for name, run in data["runs"].items():
-        ind = run["in_distribution"]["pooled"]["mean"]
+        ind = run["in_distribution"]["mean"]
         rows.append([html.escape(name), html.escape("+".join(run["training_surveys"])), _num(ind["r"], ind["r_ci"]),
                      _num(run["mean"]["r"], run["mean"]["r_ci"]), _num(run["mean"]["r2"], run["mean"]["r2_ci"]),
                      _num(run["mean"]["mae"], run["mean"]["mae_ci"]), _num(run["drop"]["r"], run["drop"]["r_ci"])])
@@ -165,8 +170,9 @@ def ood_section(data: dict) -> str:
                                       [p["groups"][q]["r"]["ci"] for q in data["questions"]]) for p in data["pairs"]}
     parts = [f"<h2>Held-out survey: {html.escape(data['held_out'])}</h2>",
              f"<p>{data['n']} galaxies of {html.escape(data['held_out'])} ({html.escape(data['held_out_split'])}), "
-             f"which no run trained on; in-distribution r on each run's training surveys' "
-             f"{html.escape(data['id_split'])} split.</p>",
+             f"which no run trained on; in-distribution r: the mean over each run's training surveys of its r on "
+             f"that survey's {html.escape(data['id_split'])} split (never pooled across surveys); drop: "
+             "in-distribution minus held-out r on the features both define.</p>",
              _table(["run", "trained on", "in-distribution r", "held-out r [95% CI]", "R^2", "MAE", "drop in r"], rows),
              _table(["pair (paired bootstrap)", "difference in r", "P(difference > 0)", "difference in MAE"], pairs),
              _table(["question"] + list(data["runs"]), question_rows)]
@@ -183,7 +189,15 @@ def robustness_section(data: dict) -> str:
              "before the model's resize; shift is the mean absolute change of the predicted fractions.</p>",
              _img(plots.robustness_curves(data["kinds"]), "robustness curves")]
     if data.get("calibration"):
-        parts.append(_img(plots.calibration({data["survey"]: data["calibration"]}), "calibration"))
+        cal = data["calibration"]
+        parts.append(f"<p class=note>Calibration: coverage of central predictive intervals for each galaxy's vote "
+                     f"counts, {html.escape(cal['predictive'])} ({cal['num_answers']} answers): the model's MC-dropout "
+                     "spread plus the vote noise of each galaxy's volunteers, so a model equal to the truth lies on "
+                     "the diagonal.</p>")
+        parts.append(_img(plots.calibration({data["survey"]: cal["curve"]}), "calibration"))
+    if data.get("rejects"):
+        parts.append(f"<p class=note>{len(data['rejects'])} unreadable samples were skipped (rejects.parquet names "
+                     "each key, shard and reason).</p>")
     return "\n".join(parts)
 
 

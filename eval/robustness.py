@@ -2,7 +2,9 @@
 
 Each perturbation acts on the decoded shard image (8-bit rendering, 0..255) before the model's resize and
 normalisation: apparent size (resolution scaling), added noise at a set peak signal-to-noise, extra PSF blur
-in arcsec, rotations and flips (a morphology model should be nearly invariant to the last).
+in arcsec, rotations and flips (a morphology model should be nearly invariant to the last). With MC dropout,
+the calibration of predictive intervals for each galaxy's vote counts: the model's MC spread plus the vote noise
+of that galaxy's N volunteers (binomial for an MSE model, Dirichlet-multinomial for a Dirichlet one).
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from eval import metrics as m, source as sources
+from eval import metrics as m, reading, source as sources
 from eval.infer import check_mc, infer, resolve_device
-from eval.labels import read_labels
+from eval.labels import label_mask, read_labels
 from eval.score import cell, write_json
 from loaders.augment import antialias_sigma, gaussian_blur, warp_affine
-from loaders.evaluation import iter_eval_batches
 from loaders.loader import LoaderConfig
+from loaders.shards import load_survey_shards
+from models.head import concentrations, fractions
 from sharding.registry import load_survey
+from sharding.schema import total_votes_column, votes_column
 
 EXAMPLES = """examples:
   python -m eval robustness --model runs/mixed --shards data/shards --survey sdss --out reports/robust
@@ -43,8 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Score a model on one survey under resolution scaling (0.5x-2x apparent size), added noise at "
                     "set peak signal-to-noise levels, extra PSF blur in arcsec (through the survey's pixel scale) "
                     "and rotations/flips: mean r and MAE with 95%% intervals and the mean shift of the predictions "
-                    "against the unperturbed ones, per strength. With --mc-samples, the MC-dropout calibration "
-                    "curve (interval coverage against nominal).")
+                    "against the unperturbed ones, per strength. With --mc-samples, the calibration of predictive "
+                    "intervals for each galaxy's votes (MC-dropout spread plus the vote noise of its N volunteers: "
+                    "coverage against nominal). Unreadable samples are listed in <out>/rejects.parquet.")
     parser.add_argument("--model", required=True, help="a training run folder or its export")
     parser.add_argument("--shards", required=True, help="shard root")
     parser.add_argument("--survey", required=True)
@@ -59,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--out", default="reports/robustness", help="folder for robustness.json and the plots")
+    parser.add_argument("--max-error-rate", type=float, default=reading.MAX_ERROR_RATE,
+                        help="share of unreadable samples past which the job stops (as training's loader)")
     return parser.parse_args(argv)
 
 
@@ -93,15 +100,58 @@ def perturbation(kind: str, strength, arcsec_per_px: float, seed: int):
     return apply
 
 
-def predict_all(model, cfg: LoaderConfig, survey: str, split: str, limit: int, batch_size: int, perturb=None,
-                mc_samples: int = 0, seed: int = 0) -> tuple[list[str], np.ndarray, np.ndarray | None]:
-    keys, fractions, stds = [], [], []
-    for batch in iter_eval_batches(cfg, survey, split, batch_size=batch_size, max_samples=limit, perturb=perturb):
-        out = infer(model, batch.images, mc_samples, seed + len(keys))
+def predict_all(model, cfg: LoaderConfig, info, refs: np.ndarray, rows: np.ndarray, batch_size: int,
+                rejects: reading.Rejects, perturb=None, mc_samples: int = 0,
+                seed: int = 0) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray | None]:
+    """(keys, rows in the split, fractions (n, F), raw logits of each MC pass (S, n, F + K) or None) of the
+    readable samples among `refs`."""
+    keys, kept, fractions_, samples = [], [], [], []
+    for batch in reading.iter_batches(cfg, info, refs, rows, batch_size=batch_size, rejects=rejects, perturb=perturb):
+        out = infer(model, batch.images, mc_samples, seed + int(batch.rows[0]), keep_samples=bool(mc_samples))
         keys += batch.keys
-        fractions.append(out.fractions)
-        stds.append(out.std)
-    return keys, np.concatenate(fractions), (np.concatenate(stds) if mc_samples else None)
+        kept.append(batch.rows)
+        fractions_.append(out.fractions)
+        samples.append(out.samples)
+    if not keys:
+        raise ValueError(f"{info.directory}: no readable sample among the first {len(refs)} of the split")
+    return (keys, np.concatenate(kept), np.concatenate(fractions_),
+            np.concatenate(samples, axis=1) if mc_samples else None)
+
+
+def calibration(model, loss: str | None, samples: np.ndarray, rows, names: list[str],
+                questions: dict[str, list[str]]) -> dict:
+    """Coverage of central predictive intervals for the votes each galaxy's answers got, against nominal.
+
+    The predictive of an answer's votes k out of the question's N mixes, over the MC passes, Binomial(N, p) for a
+    model trained on fractions (MSE) or BetaBinomial(N, alpha_j, A - alpha_j), the Dirichlet-multinomial marginal,
+    for a Dirichlet model: the model's spread plus the galaxy's own vote noise, so a model equal to the truth
+    covers at the nominal rate. Galaxies whose question got no vote count are left out.
+    """
+    raw = torch.from_numpy(samples)
+    columns = [model.layout.names.index(n) for n in names]
+    question_of = {f: q for q, fs in questions.items() for f in fs}
+    k = np.column_stack([rows[votes_column(n)].to_numpy(np.float64) if votes_column(n) in rows.columns
+                         else np.full(len(rows), np.nan) for n in names])
+    total = np.column_stack([rows[total_votes_column(question_of[n])].to_numpy(np.float64)
+                             if n in question_of and total_votes_column(question_of[n]) in rows.columns
+                             else np.full(len(rows), np.nan) for n in names])
+    ok = np.isfinite(k) & np.isfinite(total) & (total >= 1)
+    k, total = np.where(ok, k, 0.0), np.where(ok, total, 1.0)
+    if loss == "dirichlet":
+        alpha = concentrations(raw, model.layout).double()
+        layout = model.layout
+        per_question = (alpha[..., :layout.num_features] @ layout.feature_question.double()
+                        + alpha[..., layout.num_features:] @ layout.other_question.double())
+        alpha_total = (per_question @ layout.feature_question.double().T).numpy()[..., columns]
+        below, at = m.beta_binomial_mixture_cdf(k, total, alpha.numpy()[..., columns], alpha_total)
+        predictive = "Dirichlet-multinomial (BetaBinomial(N, alpha_j, A - alpha_j)), mixed over MC passes"
+    else:
+        p = fractions(raw, model.layout).double().numpy()[..., columns]
+        below, at = m.binomial_mixture_cdf(k, total, p)
+        predictive = "Binomial(N, p) mixed over MC passes (the model was trained on fractions)" if loss == "mse" \
+            else "Binomial(N, p) mixed over MC passes (the model's training loss is not recorded)"
+    curve = m.predictive_coverage(np.where(ok, below, np.nan), np.where(ok, at, np.nan))
+    return {"predictive": predictive, "num_answers": int(ok.sum()), "curve": curve}
 
 
 def rendered_scale(manifest: dict, survey: str, native_pixels: int | None) -> float:
@@ -122,23 +172,31 @@ def run(args: argparse.Namespace, log=tqdm.write, progress: bool = True) -> dict
                        std=spec.std)
     labels = read_labels(Path(args.shards), args.survey)
     names = [n for n in source.names if n in labels.frame.columns]
-    keys, clean, std = predict_all(model, cfg, args.survey, args.split, args.max_galaxies, args.batch_size,
-                                   mc_samples=args.mc_samples, seed=args.seed)
-    target = labels.frame.loc[keys, names].to_numpy(np.float64)
-    mask = np.isfinite(target)
+    info = load_survey_shards(Path(args.shards) / args.survey, args.split)
+    rejects = reading.Rejects(info, args.split, args.max_error_rate)
+    refs = reading.split_refs(info, args.max_galaxies)
+    keys, readable, clean, samples = predict_all(model, cfg, info, refs, np.arange(len(refs)), args.batch_size,
+                                                 rejects, mc_samples=args.mc_samples, seed=args.seed)
+    rows = labels.frame.loc[keys]
+    target = rows[names].to_numpy(np.float64)
+    mask = label_mask(rows, names, labels.questions)
     columns = [source.names.index(n) for n in names]
     result = {"survey": args.survey, "split": args.split, "n": len(keys), "model": source.record(),
-              "arcsec_per_px": scale, "shards": args.shards, "kinds": {}, "calibration": None}
-    if std is not None:
-        result["calibration"] = m.coverage_curve(clean[:, columns], std[:, columns], target, mask)
+              "arcsec_per_px": scale, "shards": args.shards, "kinds": {}, "calibration": None,
+              "rejects": rejects.take()}
+    if samples is not None:
+        result["calibration"] = calibration(model, source.record()["loss"], samples, rows, names, labels.questions)
     bar = tqdm(total=sum(map(len, SETTINGS.values())), unit="setting", desc="robustness", disable=not progress,
                dynamic_ncols=True)
     for kind, strengths in SETTINGS.items():
         points = []
         for strength in strengths:
             bar.update(1)
-            _, pred, _ = predict_all(model, cfg, args.survey, args.split, args.max_galaxies, args.batch_size,
-                                     perturbation(kind, strength, scale, args.seed))
+            seen, _, pred, _ = predict_all(model, cfg, info, refs[readable], readable, args.batch_size,
+                                           reading.Rejects(info, args.split, 1.0),
+                                           perturbation(kind, strength, scale, args.seed))
+            if seen != keys:
+                raise ValueError(f"{info.directory}: samples readable at first became unreadable during the study")
             table = m.feature_table(pred[:, columns], target, mask, names, num_resamples=args.bootstrap,
                                     seed=args.seed, metrics=("r", "mae"))
             shift = float(np.mean(np.abs(pred - clean)))
@@ -159,7 +217,9 @@ def write_plots(result: dict, out: Path) -> dict[str, str]:
     paths["curves"].write_bytes(plots.robustness_curves(result["kinds"]))
     if result["calibration"]:
         paths["calibration"] = out / "calibration.png"
-        paths["calibration"].write_bytes(plots.calibration({result["survey"]: result["calibration"]}))
+        paths["calibration"].write_bytes(plots.calibration({result["survey"]: result["calibration"]["curve"]}))
+    reading.write_rejects(result["rejects"], out / "rejects.parquet")
+    paths["rejects"] = out / "rejects.parquet"
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -174,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     result["plots"] = write_plots(result, Path(args.out))
     write_json(result, str(Path(args.out) / "robustness.json"))
     if result["calibration"]:
-        print("MC-dropout coverage: " + ", ".join(f"{p['nominal']:.2f} -> {p['coverage']:.2f}"
-                                                  for p in result["calibration"]))
+        print("predictive-interval coverage (MC spread + vote noise): " + ", ".join(
+            f"{p['nominal']:.2f} -> {p['coverage']:.2f}" for p in result["calibration"]["curve"]))
+    if result["rejects"]:
+        print(f"{len(result['rejects'])} unreadable samples skipped (listed in {result['plots']['rejects']})")
     print(f"wrote {Path(args.out) / 'robustness.json'} and {', '.join(result['plots'].values())}")
     return 0
 

@@ -76,19 +76,28 @@ class PartStore:
             count += 1
         return count
 
+    def num_rejects(self, stream: int) -> int:
+        """Rejects recorded with the stream's finished parts (a resumed job counts them toward its error rate)."""
+        return sum(len(json.loads((self.dir / (Path(self._name(stream, block)).stem + ".rejects.json")).read_text()))
+                   for block in range(self.done_blocks(stream))
+                   if (self.dir / (Path(self._name(stream, block)).stem + ".rejects.json")).exists())
+
     def rows_done(self) -> int:
         return sum(pq.read_metadata(p).num_rows for p in sorted(self.dir.glob("part-*.parquet")))
 
     def write(self, stream: int, block: int, frame: pd.DataFrame, rejects: list[dict]) -> None:
         path = self.dir / self._name(stream, block)
+        listing = self.dir / (path.stem + ".rejects.json")
+        listing.unlink(missing_ok=True)  # a block redone after a kill lists its rejects anew
         if rejects:
-            (self.dir / (path.stem + ".rejects.json")).write_text(json.dumps(rejects, sort_keys=True) + "\n")
+            listing.write_text(json.dumps(rejects, sort_keys=True) + "\n")
         tmp = path.with_name(path.name + TMP_SUFFIX)
         frame.to_parquet(tmp, index=False, engine="pyarrow")
         os.replace(tmp, path)
 
-    def finish(self, metadata: dict, rejects_out: Path | None) -> int:
-        """Merge the parts (one row group each, bounded memory) into the output; returns its row count."""
+    def finish(self, metadata: dict, rejects_out: Path, reject_columns: list[str]) -> int:
+        """Merge the parts (one row group each, bounded memory) into the output, their rejects into `rejects_out`
+        (a table with `reject_columns`, empty when every input was read); returns the output's row count."""
         parts = sorted(self.dir.glob("part-*.parquet"))
         tmp = self.out.with_name(self.out.name + TMP_SUFFIX)
         blob = json.dumps(metadata, sort_keys=True).encode()
@@ -103,10 +112,9 @@ class PartStore:
         if writer is None:
             raise ValueError("nothing was predicted: no galaxies matched the surveys and split")
         writer.close()
-        if rejects_out is not None:
-            rejects = [r for p in sorted(self.dir.glob("part-*.rejects.json")) for r in json.loads(p.read_text())]
-            frame = pd.DataFrame(rejects, columns=["row", "object_id", "reason", "detail", "file"])
-            frame.to_parquet(rejects_out, index=False, engine="pyarrow")
+        rejects = [r for p in sorted(self.dir.glob("part-*.rejects.json")) for r in json.loads(p.read_text())]
+        frame = pd.DataFrame(rejects, columns=reject_columns)
+        frame.to_parquet(rejects_out, index=False, engine="pyarrow")
         os.replace(tmp, self.out)
         shutil.rmtree(self.dir)
         return rows
@@ -116,15 +124,20 @@ class EmbeddingStore:
     """A zarr group: `embeddings` (galaxies x dims), `keys` (galaxies,) and provenance in its attributes.
 
     Appendable: a later prediction adds rows after the existing ones (a key already in the store is an
-    error). Resumable: rows past what the prediction's finished parts cover are cut off on restart.
+    error). Resumable: rows past what the prediction's finished parts cover are cut off on restart. `new`: the
+    store at `path`, if any, is deleted first (what --overwrite means).
     """
 
-    def __init__(self, path: Path, dims: int, dtype: str, chunk_rows: int = 4096) -> None:
+    def __init__(self, path: Path, dims: int, dtype: str, chunk_rows: int = 4096, new: bool = False) -> None:
         import zarr
 
         if dtype not in ("float16", "float32"):
             raise ValueError(f"--embeddings-dtype must be float16 or float32, got {dtype!r}")
         self.path = Path(path)
+        if new and self.path.exists():
+            if not (self.path / "zarr.json").is_file() and not (self.path / ".zgroup").is_file():
+                raise ValueError(f"{self.path} is not a zarr store; --overwrite replaces only an embedding store")
+            shutil.rmtree(self.path)
         self.group = zarr.open_group(str(self.path), mode="a")
         if "embeddings" not in self.group:
             self.group.create_array("embeddings", shape=(0, dims), chunks=(chunk_rows, dims), dtype=dtype)

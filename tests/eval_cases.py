@@ -31,11 +31,12 @@ def make_shard_root(raw_root: Path, shard_root: Path) -> None:
                            "--no-progress"]) == 0
 
 
-def make_export(folder: Path, shard_root: Path, mix: str, seed: int, dropout: float = 0.1) -> Path:
+def make_export(folder: Path, shard_root: Path, mix: str, seed: int, dropout: float = 0.1,
+                loss: str = "dirichlet") -> Path:
     """A randomly initialised tiny model saved the way training exports it (same provenance fields)."""
     cfg = load_train_config(CONFIG_ROOT / "train" / "tiny.yaml",
                             [f"data.mix={mix}", f"data.loader.shard_root={shard_root}",
-                             f"data.loader.image_size={INPUT_SIZE}"])
+                             f"data.loader.image_size={INPUT_SIZE}", f"loss={loss}"])
     torch.manual_seed(seed)
     model = MorphologyModel(load_model_config(cfg.model, [f"head.dropout={dropout}"]))
     return save_export(model, folder, metadata=provenance(cfg, step=0))

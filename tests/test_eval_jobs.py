@@ -1,16 +1,21 @@
 """eval compare (by feature name), ood, robustness, neighbors and the HTML report in a real browser."""
 
+import hashlib
 import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from scipy import stats
 
 from eval import compare, neighbors, ood, predict, report, robustness, score
 from eval.store import EmbeddingStore
+from loaders.shards import load_survey_shards
 from sharding.schema import load_schema
 
 STANDARD = load_schema().names
@@ -22,6 +27,19 @@ def preds26(eval_shards, eval_exports, tmp_path_factory):
     assert predict.main(["--model", str(eval_exports["mixed"]), "--shards", str(eval_shards[1]), "--surveys",
                          "ukidss", "--split", "all", "--out", str(path), "--batch-size", "16", "--no-progress"]) == 0
     return path
+
+
+def _feature_r(path: str, root, survey: str, features: list[str]) -> dict[str, float]:
+    """Pearson r per feature from a prediction file and labels.parquet, on labels whose question got >= 2 votes."""
+    pred = pd.read_parquet(path).set_index("key")
+    labels = pd.read_parquet(root / survey / "labels.parquet").set_index("key").loc[pred.index]
+    question_of = {f.name: q.name for q in load_schema().questions for f in q.features}
+    out = {}
+    for name in features:
+        ok = labels[name].notna() & (labels[f"{question_of[name]}_total-votes"] >= 2)
+        x, y = pred.loc[ok, name].to_numpy(np.float64), labels.loc[ok, name].to_numpy(np.float64)
+        out[name] = stats.pearsonr(x, y)[0] if ok.sum() >= 3 and x.std() > 0 and y.std() > 0 else np.nan
+    return out
 
 
 def _variant(base: pd.DataFrame, keep: list[str], extra: list[str], path, seed: int) -> str:
@@ -66,6 +84,30 @@ def test_compare_matches_features_by_name_whatever_the_widths(preds26, eval_shar
     assert "no feature in common" in capsys.readouterr().err
 
 
+def test_compare_predicts_a_retrained_model_and_another_split_anew(eval_shards, eval_exports, tmp_path):
+    _, root = eval_shards
+    model = tmp_path / "run" / "export"
+    shutil.copytree(eval_exports["mixed"], model)
+    other = str(eval_exports["sdss_only"])
+
+    def compared(split: str) -> dict:
+        assert compare.main([str(model), other, "--shards", str(root), "--survey", "hst", "--split", split,
+                             "--work", str(tmp_path / "work"), "--bootstrap", "0", "--json",
+                             str(tmp_path / "c.json")]) == 0
+        return json.loads((tmp_path / "c.json").read_text())
+
+    first = compared("all")
+    assert first["n"] == sum(load_survey_shards(root / "hst", s).num_samples for s in ("train", "val", "test"))
+    assert compared("test")["n"] == load_survey_shards(root / "hst", "test").num_samples  # not the cached "all"
+    # Retrained in place (other weights, same folder): predicted again, and the comparison names the new weights.
+    shutil.copy(eval_exports["sdss_only"] / "model.safetensors", model / "model.safetensors")
+    again = compared("all")
+    weights = hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()
+    assert again["models"]["run"]["model"]["weights_sha256"] == weights
+    assert first["models"]["run"]["model"]["weights_sha256"] != weights
+    assert again["models"]["run"]["mean"]["mae"] == pytest.approx(again["models"]["sdss_only"]["mean"]["mae"])
+
+
 def test_ood_study_table_gain_plot_and_held_out_check(eval_shards, eval_exports, tmp_path, capsys):
     _, root = eval_shards
     config = tmp_path / "study.yaml"
@@ -80,20 +122,78 @@ def test_ood_study_table_gain_plot_and_held_out_check(eval_shards, eval_exports,
     assert set(mixed["in_distribution"]["surveys"]) == {"sdss", "decals", "hst"}
     assert {"r", "r_ci", "r2", "r2_ci", "mae", "mae_ci"} <= set(mixed["mean"])
     assert set(mixed["questions"]) == set(result["questions"]) and "how-rounded" in result["questions"]
-    drop = mixed["drop"]
-    assert drop["r"] == pytest.approx(mixed["in_distribution"]["pooled"]["mean"]["r"] - mixed["mean"]["r"])
+    # In-distribution r is each training survey's own r, then their mean: never r over the surveys pooled.
+    for run in result["runs"].values():
+        per_survey = [s["mean"]["r"] for s in run["in_distribution"]["surveys"].values()]
+        assert "pooled" not in run["in_distribution"]
+        assert run["in_distribution"]["mean"]["r"] == pytest.approx(np.nanmean(per_survey))  # defined surveys
+    assert result["runs"]["sdss_only"]["in_distribution"]["mean"]["r"] == \
+        result["runs"]["sdss_only"]["in_distribution"]["surveys"]["sdss"]["mean"]["r"]
+    # The drop, recomputed from the prediction files with scipy: per survey, on the features both sides define.
+    drops = []
+    for survey in mixed["training_surveys"]:
+        ind = _feature_r(mixed["preds"][survey], root, survey, result["features"])
+        held = {f: mixed["features"][f]["r"] for f in result["features"]}
+        both = [f for f in result["features"] if np.isfinite(ind[f]) and np.isfinite(held[f])]
+        drops.append(np.mean([ind[f] - held[f] for f in both]) if both else np.nan)
+    assert mixed["drop"]["r"] == pytest.approx(np.nanmean(drops), abs=1e-9)
     pair = result["pairs"][0]
     assert (pair["a"], pair["b"]) == ("mixed", "sdss_only")
     assert pair["r"]["diff"] == pytest.approx(mixed["mean"]["r"] - result["runs"]["sdss_only"]["mean"]["r"], abs=1e-9)
     assert (tmp_path / "ood" / "gain.png").read_bytes()[:4] == b"\x89PNG"
-    assert all((tmp_path / "ood" / "preds" / "mixed" / f"{s}.parquet").is_file() for s in ("ukidss", "sdss", "hst"))
+    folder = tmp_path / "ood" / "preds" / "mixed"
+    assert sorted(mixed["preds"]) == ["decals", "hst", "sdss", "ukidss"]
+    assert all(Path(path).parent == folder and Path(path).is_file() for path in mixed["preds"].values())
     capsys.readouterr()
     assert ood.main(["--runs", f"x={eval_exports['mixed']}", "--held-out", "hst", "--shards", str(root),
                      "--out", str(tmp_path / "bad")]) == 2
     assert "trained on hst" in capsys.readouterr().err
 
 
-def test_robustness_identity_settings_do_not_move_predictions(eval_shards, eval_exports, tmp_path):
+def _spread_px(image: torch.Tensor) -> float:
+    """RMS radius per axis (second moment about the centroid) of an image's light above its minimum, in pixels."""
+    light = image.double().mean(dim=0)
+    light = light - light.min()
+    y, x = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in light.shape), indexing="ij")
+    total = light.sum()
+    cx, cy = (light * x).sum() / total, (light * y).sum() / total
+    return float(torch.sqrt((light * (x - cx) ** 2).sum() / total))
+
+
+def test_perturbation_strengths_measured_on_the_output():
+    """Each perturbation does what its strength says, measured on its output by an independent computation."""
+    # PSF: a point source blurred to the requested FWHM (arcsec through the pixel scale), from its second moment
+    # and from the area above half its peak.
+    point = torch.zeros(3, 129, 129)
+    point[:, 64, 64] = 255.0
+    for fwhm_arcsec in (0.5, 1.0, 2.0):
+        blurred = robustness.perturbation("psf", fwhm_arcsec, 0.25, seed=0)(point.clone(), 0)
+        fwhm_px = fwhm_arcsec / 0.25
+        assert _spread_px(blurred) * 2 * np.sqrt(2 * np.log(2)) == pytest.approx(fwhm_px, rel=0.02)
+        if fwhm_px >= 4:
+            light = blurred.mean(dim=0)
+            area = float((light >= light.max() / 2).sum())
+            assert 2 * np.sqrt(area / np.pi) == pytest.approx(fwhm_px, rel=0.05)
+    # Apparent size: a Gaussian galaxy of sigma 4 px grows or shrinks by the factor.
+    y, x = torch.meshgrid(torch.arange(128.0), torch.arange(128.0), indexing="ij")
+    galaxy = (200 * torch.exp(-((x - 64) ** 2 + (y - 64) ** 2) / (2 * 4.0 ** 2))).expand(3, -1, -1).clone()
+    for factor in (0.5, 0.71, 1.41, 2.0):
+        resized = robustness.perturbation("resolution", factor, 0.25, seed=0)(galaxy.clone(), 0)
+        assert _spread_px(resized) / 4.0 == pytest.approx(factor, rel=0.04)
+    # Noise: the peak signal-to-noise of the added noise, measured on the output.
+    disc = (60 + 140 * torch.exp(-((x - 64) ** 2 + (y - 64) ** 2) / (2 * 10.0 ** 2))).expand(3, -1, -1).clone()
+    signal = float(disc.mean(dim=0).max() - disc.mean(dim=0).median())
+    for peak_sn in (50.0, 20.0, 10.0, 5.0):
+        noisy = robustness.perturbation("noise", peak_sn, 0.25, seed=3)(disc.clone(), 7)
+        assert signal / float((noisy - disc).std()) == pytest.approx(peak_sn, rel=0.03)
+    # Right-angle rotations turn the pixel grid exactly.
+    image = torch.rand(3, 16, 16) * 255
+    for name, turns in (("rot90", 1), ("rot180", 2)):
+        turned = robustness.perturbation("rotation", name, 0.25, seed=0)(image.clone(), 0)
+        torch.testing.assert_close(turned, torch.rot90(image, turns, dims=(1, 2)), atol=1e-3, rtol=0)
+
+
+def test_robustness_job_end_to_end(eval_shards, eval_exports, tmp_path):
     _, root = eval_shards
     out = tmp_path / "rob"
     assert robustness.main(["--model", str(eval_exports["mixed"]), "--shards", str(root), "--survey", "decals",
@@ -101,14 +201,17 @@ def test_robustness_identity_settings_do_not_move_predictions(eval_shards, eval_
                             "--out", str(out)]) == 0
     result = json.loads((out / "robustness.json").read_text())
     kinds = result["kinds"]
-    assert set(kinds) == {"resolution", "noise", "psf", "rotation"}
+    assert set(kinds) == {"resolution", "noise", "psf", "rotation"} and result["n"] == 16
     identity = {"resolution": 1.0, "noise": 0.0, "psf": 0.0, "rotation": "none"}
     for kind, points in kinds.items():
         by_strength = {p["strength"]: p for p in points}
         assert by_strength[identity[kind]]["shift"] == 0.0
         assert max(p["shift"] for p in points) > 0
-    assert kinds["rotation"][0]["r"] == pytest.approx(kinds["noise"][0]["r"])
-    assert [p["nominal"] for p in result["calibration"]][0] == 0.5
+    calibration = result["calibration"]
+    assert calibration["predictive"].startswith("Dirichlet-multinomial") and calibration["num_answers"] > 0
+    assert [p["nominal"] for p in calibration["curve"]][0] == 0.5
+    assert all(0 <= p["coverage"] <= 1 for p in calibration["curve"])
+    assert result["rejects"] == [] and pd.read_parquet(out / "rejects.parquet").empty
     assert (out / "robustness.png").is_file() and (out / "calibration.png").is_file()
 
 
@@ -152,13 +255,15 @@ def _chromium() -> str | None:
 
 def test_report_renders_in_headless_chromium(preds26, eval_shards, eval_exports, tmp_path):
     _, root = eval_shards
-    score.main([str(preds26), "--bootstrap", "50", "--json", str(tmp_path / "m.json")])
-    compare.main([str(preds26), _variant(pd.read_parquet(preds26), STANDARD, [], tmp_path / "v.parquet", 2),
-                  "--bootstrap", "50", "--json", str(tmp_path / "c.json")])
-    ood.main(["--runs", f"a={eval_exports['sdss_only']}", f"b={eval_exports['mixed']}", "--held-out", "ukidss",
-              "--shards", str(root), "--out", str(tmp_path / "ood"), "--bootstrap", "50", "--no-progress"])
-    robustness.main(["--model", str(eval_exports["mixed"]), "--shards", str(root), "--survey", "sdss", "--split",
-                     "train", "--max-galaxies", "8", "--bootstrap", "10", "--out", str(tmp_path / "rob")])
+    assert score.main([str(preds26), "--bootstrap", "50", "--json", str(tmp_path / "m.json")]) == 0
+    assert compare.main([str(preds26), _variant(pd.read_parquet(preds26), STANDARD, [], tmp_path / "v.parquet", 2),
+                         "--bootstrap", "50", "--json", str(tmp_path / "c.json")]) == 0
+    assert ood.main(["--runs", f"a={eval_exports['sdss_only']}", f"b={eval_exports['mixed']}", "--held-out",
+                     "ukidss", "--shards", str(root), "--out", str(tmp_path / "ood"), "--bootstrap", "50",
+                     "--no-progress"]) == 0
+    assert robustness.main(["--model", str(eval_exports["mixed"]), "--shards", str(root), "--survey", "sdss",
+                            "--split", "train", "--max-galaxies", "8", "--bootstrap", "10",
+                            "--out", str(tmp_path / "rob")]) == 0
     inputs = [tmp_path / "m.json", tmp_path / "c.json", tmp_path / "ood" / "ood.json", tmp_path / "rob" / "robustness.json"]
     assert report.main([*map(str, inputs), "--out", str(tmp_path / "report.html"), "--worst", "6"]) == 0
     page = (tmp_path / "report.html").read_text()

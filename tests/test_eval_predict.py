@@ -1,6 +1,7 @@
 """eval predict: named columns with provenance, MC dropout, embeddings, resume, catalog input, DALI path, mismatches."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -12,6 +13,10 @@ from eval import predict, score
 from eval.source import check_shards, open_source
 from eval.store import PartStore, open_embeddings, read_metadata
 from sharding.schema import load_schema
+
+
+def questions_of(names):
+    return {q.name: [f.name for f in q.features] for q in load_schema().questions if q.features[0].name in names}
 
 
 def _predict(export, root, out, *extra):
@@ -32,7 +37,14 @@ def test_predict_names_columns_by_feature_and_carries_provenance(eval_shards, ev
     assert all(frame[n].dtype == np.float32 for n in names)
     assert set(frame["split"]) == {"train", "val", "test"}
     assert (frame[[f"{n}__std" for n in names]] > 0).to_numpy().mean() > 0.9  # dropout spread exists
-    assert all(f"{q}__concentration" in frame for q in load_schema().question_names)
+    other = read_metadata(out)["other_questions"]
+    assert other and all(f"{q}__other_logit" in frame for q in other)
+    # The raw logits give back the fractions: a softmax over each question's named logits (and its other logit).
+    for question, features in questions_of(names).items():
+        logits = frame[[f"{f}__logit" for f in features] + ([f"{question}__other_logit"] if question in other else [])]
+        expected = np.exp(logits.to_numpy(np.float64))
+        expected = (expected / expected.sum(axis=1, keepdims=True))[:, :len(features)]
+        np.testing.assert_allclose(frame[features].to_numpy(np.float64), expected, atol=1e-5, err_msg=question)
     meta = read_metadata(out)
     assert meta["model"]["mix"] == {"sdss": 0.33, "decals": 0.33, "hst": 0.34}
     assert meta["model"]["input"]["image_size"] == 32 and meta["names"] == names
@@ -144,6 +156,16 @@ def test_mismatched_model_and_shards_give_clear_errors(eval_shards, eval_exports
     assert "neither a model export" in capsys.readouterr().err
 
 
+def _independent_nll(frame: pd.DataFrame, labels: pd.DataFrame, question: str, features: list[str]) -> float:
+    """Mean Dirichlet-multinomial NLL from scipy, with training's clamped concentrations exp(clip(logit, -10, 10))."""
+    alpha = np.exp(np.clip(frame[[f"{f}__logit" for f in features]].to_numpy(np.float64), -10, 10))
+    counts = labels.loc[frame.index, [f"{f}_votes" for f in features]].to_numpy(np.float64)
+    totals = labels.loc[frame.index, f"{question}_total-votes"].to_numpy(np.float64)
+    values = [-stats.dirichlet_multinomial.logpmf(c, a, int(c.sum()))
+              for c, a, t in zip(counts, alpha, totals) if t > 0]
+    return float(np.mean(values))
+
+
 def test_metrics_join_by_key_and_match_scipy(eval_shards, eval_exports, tmp_path, capsys):
     _, root = eval_shards
     _predict(eval_exports["mixed"], root, tmp_path / "p.parquet", "--surveys", "sdss,hst", "--split", "all")
@@ -153,16 +175,26 @@ def test_metrics_join_by_key_and_match_scipy(eval_shards, eval_exports, tmp_path
     labels = pd.read_parquet(root / "sdss" / "labels.parquet").set_index("key")
     sdss = frame[frame["survey"] == "sdss"].set_index("key")
     name = "disk-edge-on_yes"
-    ok = labels.loc[sdss.index, name].notna()
+    totals = labels.loc[sdss.index, "disk-edge-on_total-votes"]
+    ok = labels.loc[sdss.index, name].notna() & (totals >= 2)  # a label counts with at least 2 votes
+    assert (labels.loc[sdss.index, name].notna() & (totals < 2)).any()  # the rule matters on these labels
     expected = stats.pearsonr(sdss.loc[ok, name], labels.loc[sdss.index[ok], name])[0]
     row = result["surveys"]["sdss"]["features"][name]
     assert row["r"] == pytest.approx(expected, abs=1e-6) and row["n"] == ok.sum()
     assert row["r_ci"][0] <= row["r"] <= row["r_ci"][1]
+    # The noise ceiling on the same galaxies: corr(truth, labels)^2 = 1 - mean binomial noise / label variance.
+    f, n = labels.loc[sdss.index[ok], name].to_numpy(), totals[ok].to_numpy()
+    assert row["ceiling_r"] == pytest.approx(np.sqrt(1 - np.mean(f * (1 - f) / (n - 1)) / f.var()), abs=1e-9)
     assert {"n", "r", "r_ci", "spearman", "r2", "mae", "mse", "ceiling_r"} <= set(row)
     mean = result["surveys"]["sdss"]["mean"]
     assert {"r", "r_ci", "r2", "mae", "ceiling_r"} <= set(mean) and result["surveys"]["sdss"]["n"] == len(sdss)
+    # A Dirichlet model's NLL is scipy's on the clamped concentrations of the logits predict wrote.
+    hst = frame[frame["survey"] == "hst"].set_index("key")
+    hst_labels = pd.read_parquet(root / "hst" / "labels.parquet").set_index("key")
     question = result["surveys"]["hst"]["questions"]["smooth-or-featured"]
-    assert question["nll"] > 0 and 0 <= question["accuracy"] <= 1
+    features = questions_of(load_schema().names)["smooth-or-featured"]
+    assert question["nll"] == pytest.approx(_independent_nll(hst, hst_labels, "smooth-or-featured", features), rel=1e-4)
+    assert 0 <= question["accuracy"] <= 1 and "nll_absent" not in result["surveys"]["hst"]
     capsys.readouterr()
     assert score.main([str(tmp_path / "p.parquet"), "--bootstrap", "0", "--json", "-"]) == 0
     assert set(json.loads(capsys.readouterr().out)["surveys"]) == {"sdss", "hst"}
@@ -188,3 +220,43 @@ def test_embeddings_append_across_predictions_and_refuse_duplicates(eval_shards,
                     "--embeddings", store, "--embeddings-dtype", "float32") == 2
     assert "already holds" in capsys.readouterr().err
     assert open_embeddings(store)[1] == expected  # nothing was added by the refused run
+
+
+def test_no_nll_for_a_model_not_trained_with_the_dirichlet_loss(eval_shards, tmp_path, capsys):
+    from eval_cases import make_export
+
+    from eval import report
+
+    _, root = eval_shards
+    mse = make_export(tmp_path / "mse", root, "sdss=1.0", seed=3, loss="mse")
+    assert _predict(mse, root, tmp_path / "p.parquet", "--surveys", "hst", "--split", "all") == 0
+    capsys.readouterr()
+    assert score.main([str(tmp_path / "p.parquet"), "--bootstrap", "0", "--json", str(tmp_path / "m.json")]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "m.json").read_text())
+    hst = result["surveys"]["hst"]
+    assert "nll" not in hst and all("nll" not in q for q in hst["questions"].values())
+    assert "trained with the mse loss" in hst["nll_absent"] and "mse loss" in result["nll_absent"]
+    assert "trained with the mse loss" in printed and not re.search(r"Dirichlet NLL [-\d]", printed)
+    assert report.main([str(tmp_path / "m.json"), "--out", str(tmp_path / "r.html"), "--worst", "0"]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "Dirichlet NLL</th>" not in page and "trained with the mse loss" in page
+    # An export that does not record its loss: unknown, so no NLL either, and the reason says so.
+    meta = json.loads((mse / "export.json").read_text())
+    del meta["metadata"]["loss"]
+    (mse / "export.json").write_text(json.dumps(meta))
+    assert _predict(mse, root, tmp_path / "q.parquet", "--surveys", "hst") == 0
+    unknown = score.score(tmp_path / "q.parquet", bootstrap=0, log=lambda *_: None)
+    assert "nll" not in unknown["surveys"]["hst"] and "does not record the loss" in unknown["nll_absent"]
+
+
+def test_overwrite_starts_a_new_embedding_store(eval_shards, eval_exports, tmp_path):
+    _, root = eval_shards
+    store = str(tmp_path / "e.zarr")
+    assert _predict(eval_exports["mixed"], root, tmp_path / "a.parquet", "--surveys", "sdss",
+                    "--embeddings", store) == 0
+    assert _predict(eval_exports["mixed"], root, tmp_path / "a.parquet", "--surveys", "hst", "--embeddings", store,
+                    "--overwrite") == 0
+    vectors, keys, attrs = open_embeddings(store)
+    assert keys == pd.read_parquet(tmp_path / "a.parquet")["key"].tolist()  # hst only: the sdss rows are gone
+    assert len(attrs["runs"]) == 1 and vectors.shape[0] == len(keys)
