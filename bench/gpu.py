@@ -66,10 +66,12 @@ def judge(value: float, target: float, higher_is_better: bool, smoke: bool) -> s
 
 
 def gpu_tests(b: Bench) -> None:
+    """The gpu-marked tests and the dependency-floor tests (this machine's torch/transformers/peft are the floors)."""
     files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
-                   if "mark.gpu" in p.read_text())
-    result = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *files],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+                   if "mark.gpu" in p.read_text() or "mark.floors" in p.read_text())
+    result = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu or floors", "-q", "-rs", "-p",
+                             "no:cacheprovider", *files], cwd=REPO, capture_output=True, text=True, timeout=300)
+    print(result.stdout[-4000:], result.stderr[-2000:], flush=True)
     tail = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-300:]
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", tail)}
     ok = result.returncode in (0, 5) and not counts.get("failed") and not counts.get("error")
@@ -125,24 +127,23 @@ def _has_dali() -> bool:
 
 
 def dali(b: Bench, shards: Path) -> None:
-    from bench.loaders import best, dali_reader, ours
     if not _has_dali():
         b.add("DALI", "-", None, status="SKIPPED", note="no nvidia-dali wheel installed (~424 MB, so it may not fit "
               "the wheel folder): put nvidia_dali_cuda*.whl beside the others to measure it")
         return
+    from bench.loaders import best_of_rounds, dali_reader, ours
     device, smoke = ("gpu", False) if b.cuda else ("cpu", True)
     batch, threads = (256, b.args.dali_threads) if b.cuda else (32, 2)
-    repeats = 3 if b.cuda else 1
-    for name, fn in [(f"DALI fn.readers.webdataset, {'mixed' if b.cuda else 'cpu'} decode",
-                      lambda: dali_reader(shards, batch, device, threads)),
-                     (f"ours: DALI backend {'mixed' if b.cuda else 'cpu'}, aug on",
-                      lambda: ours(shards, "dali", 4 if b.cuda else 0, True, batch, device, threads))]:
-        n, seconds = best(fn, repeats)
+    repeats, mode = (3, "mixed") if b.cuda else (1, "cpu")
+    cases = [(f"DALI fn.readers.webdataset, {mode} decode", lambda: dali_reader(shards, batch, device, threads), None),
+             (f"ours: DALI backend {mode}, aug on",
+              lambda: ours(shards, "dali", 4 if b.cuda else 0, True, batch, device, threads), None)]
+    for name, (n, seconds) in best_of_rounds(cases, repeats).items():
         ours_row = name.startswith("ours")
         b.add("DALI 224 px", name, n / seconds, "img/s", ">= 7,000" if ours_row else "",
               judge(n / seconds, TARGETS["dali_mixed_img_per_s"], True, smoke) if ours_row else
               ("smoke" if smoke else ""),
-              note=f"{n} images, batch {batch}, {threads} threads, best of {repeats}")
+              note=f"{n} images, batch {batch}, {threads} threads, best of {repeats} round-robin")
 
 
 def print_table(b: Bench) -> None:

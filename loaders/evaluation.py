@@ -43,6 +43,38 @@ def eval_refs(info: SurveyShards, rank: int, world_size: int, max_samples: int |
     return np.concatenate([mine, padding])
 
 
+def dali_unavailable() -> str | None:
+    """Why DALI cannot decode here (not installed, or its import fails), or None when it can."""
+    try:
+        import loaders.dali  # noqa: F401 - the one DALI importer
+    except ImportError as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def choose_backend(requested: str, device_type: str) -> tuple[str, str]:
+    """(backend, why) for an evaluation: `auto` is DALI on a CUDA device where DALI imports, else torch.
+
+    DALI is an optional extra (a ~420 MB wheel that a GPU node without a package index may lack); the torch
+    backend decodes the same pixels, so a GPU machine without DALI still evaluates, on its GPU.
+    """
+    if requested not in ("auto", "torch", "dali"):
+        raise ValueError(f"unknown evaluation backend {requested!r}; expected auto, torch or dali")
+    if requested == "torch":
+        return "torch", "asked for"
+    missing = dali_unavailable()
+    if requested == "dali":
+        if missing:
+            raise ValueError(f"--backend dali needs nvidia-dali-cuda120 ({missing}); install the 'gpu' extra "
+                             "(pip install 'galaxy-sommelier[gpu]') or use --backend torch")
+        return "dali", "asked for"
+    if device_type != "cuda":
+        return "torch", "no CUDA device"
+    if missing:
+        return "torch", f"DALI is not importable ({missing}); the 'gpu' extra adds GPU decoding"
+    return "dali", "CUDA device and DALI installed"
+
+
 def iter_eval_batches(cfg: LoaderConfig, survey: str, split: str = "val", rank: int = 0, world_size: int = 1,
                       batch_size: int = 64, max_samples: int | None = None, *, start: int = 0,
                       perturb: Perturb | None = None, backend: str = "torch", pad: bool = False) -> Iterator[Batch]:

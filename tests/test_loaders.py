@@ -351,6 +351,8 @@ def test_jpeg_header_walk_agrees_with_pil():
 
 @pytest.mark.gpu
 def test_dali_gpu_decode_matches_cpu(shard_root):
+    pytest.importorskip("nvidia.dali", reason="DALI (the gpu extra, a ~420 MB wheel) is not installed: the torch "
+                        "backend serves the GPU (tests/test_gpu_path.py)")
     cpu_cfg = make_config(shard_root, "dali", augment=AUGMENT)
     cpu, gpu = run(cpu_cfg), run(replace(cpu_cfg, device="gpu"))
     for a, b in zip(cpu, gpu):

@@ -101,3 +101,17 @@ def test_attention_dropout_is_refused_for_training():
     model = MorphologyModel(load_model_config("tiny", ["backbone.attention_probs_dropout_prob=0.1"]), load_schema())
     with pytest.raises(ValueError, match="attention_probs_dropout_prob.*world size"):
         per_sample_noise(model)
+
+
+@pytest.mark.gpu
+def test_masks_on_cuda_equal_the_cpu_masks():
+    """Integer hashing, no device RNG: a run resumed on another kind of device keeps its dropout draws."""
+    seeds = sample_seeds(11, 3, torch.arange(32))
+    cpu = random_bits(seeds, 5, (17, 64), torch.device("cpu"))
+    assert torch.equal(random_bits(seeds, 5, (17, 64), torch.device("cuda")).cpu(), cpu)
+    module = SampleDropout(0.3).train()
+    x = torch.ones(32, 17, 64)
+    module.seeds, module.calls = seeds, 0
+    on_cuda = module(x.cuda()).cpu()
+    module.calls = 0  # the same call of the same pass
+    assert torch.equal(on_cuda, module(x))
