@@ -24,7 +24,7 @@ from eval import catalog_input, reading, source as sources
 from eval.infer import Outputs, check_mc, infer, resolve_device
 from eval.nll import logit_column, other_logit_column
 from eval.store import EmbeddingStore, PartStore, frame_from_columns, read_metadata
-from loaders.evaluation import plain_image
+from loaders.evaluation import choose_backend, plain_image
 from loaders.loader import LoaderConfig
 from loaders.shards import load_survey_shards
 from models.backbone import pooled_size
@@ -251,7 +251,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = resolve_device(args.device)
-    backend = args.backend if args.backend != "auto" else ("dali" if device.type == "cuda" else "torch")
+    backend, why = choose_backend(args.backend, device.type)
+    if not args.no_progress:
+        print(f"decoding with the {backend} backend on {device.type} ({why})", file=sys.stderr, flush=True)
     common = {"model": source.record()["weights_sha256"], "batch_size": args.batch_size,
               "rows_per_part": block_rows(args.batch_size, args.rows_per_part), "mc_samples": args.mc_samples,
               "seed": args.seed, "backend": backend, "device": device.type, "embeddings": args.embeddings,
