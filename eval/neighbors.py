@@ -75,12 +75,18 @@ def write_grid(path: str, shards: str, key: str, found: list[tuple[str, float]])
     from eval.thumbnails import read_thumbnails
 
     wanted = [key] + [k for k, _ in found]
-    thumbs = read_thumbnails(shards, wanted)
-    missing = [k for k in wanted if k not in thumbs]
+    unreadable: dict[str, str] = {}
+    thumbs = read_thumbnails(shards, wanted, unreadable=unreadable)
+    missing = [k for k in wanted if k not in thumbs and k not in unreadable]
     if missing:
         raise ValueError(f"{len(missing)} galaxies (e.g. {missing[:2]}) are not in the shards under {shards}; pass "
                          "--shards with the shard root they were predicted from")
+    for k, reason in unreadable.items():  # a grey tile says so; the grid still shows the rest
+        print(f"warning: image of {k} is unreadable ({reason}); check the shards with python -m sharding.verify",
+              file=sys.stderr)
+        thumbs[k] = np.full((96, 96, 3), 128, np.uint8)
     titles = [f"query\n{key}"] + [f"#{i + 1} cos {s:.3f}\n{k}" for i, (k, s) in enumerate(found)]
+    titles = [t + ("\n(unreadable)" if k in unreadable else "") for t, k in zip(titles, wanted)]
     Path(path).write_bytes(plots.contact_sheet([thumbs[k] for k in wanted], titles, columns=min(6, len(wanted))))
 
 

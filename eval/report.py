@@ -135,13 +135,16 @@ def _worst_sheet(aligned, shards: Path, survey: str, worst: int) -> str:
     per_galaxy = np.where(labelled, np.nanmean(np.where(labelled[:, None], err, 0.0), axis=1), -np.inf)
     order = np.argsort(-per_galaxy)[:worst]
     keys = [aligned.keys[i] for i in order if np.isfinite(per_galaxy[i])]
-    thumbs = read_thumbnails(shards, keys)
+    unreadable: dict[str, str] = {}
+    thumbs = read_thumbnails(shards, keys, unreadable=unreadable)
     shown = [k for k in keys if k in thumbs]
+    note = "".join(f"<p class=note>image of {html.escape(k)} unreadable ({html.escape(reason)}); check the shards "
+                   "with python -m sharding.verify.</p>" for k, reason in unreadable.items())
     if not shown:
-        return f"<p class=note>images of the worst {survey} galaxies are not in {html.escape(str(shards))}.</p>"
+        return note or f"<p class=note>images of the worst {survey} galaxies are not in {html.escape(str(shards))}.</p>"
     titles = [f"{k}\nmean |err| {per_galaxy[aligned.keys.index(k)]:.2f}" for k in shown]
     return (f"<h3>{html.escape(survey)}: the {len(shown)} worst-predicted galaxies</h3>"
-            + _img(plots.contact_sheet([thumbs[k] for k in shown], titles), f"{survey} worst galaxies"))
+            + _img(plots.contact_sheet([thumbs[k] for k in shown], titles), f"{survey} worst galaxies") + note)
 
 
 def compare_section(data: dict) -> str:

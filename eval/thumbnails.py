@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from eval.reading import reject_reason
 from loaders.shards import read_index
 
 
@@ -19,8 +20,10 @@ def survey_of(key: str, surveys: list[str]) -> str | None:
     return max(matches, key=len) if matches else None
 
 
-def read_thumbnails(shards: str | Path, keys: list[str], size: int = 96) -> dict[str, np.ndarray]:
-    """{key: (size, size, 3) uint8} for the keys found in the shards; keys not found are left out."""
+def read_thumbnails(shards: str | Path, keys: list[str], size: int = 96,
+                    unreadable: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+    """{key: (size, size, 3) uint8} for the keys found in the shards; keys not found are left out, and so are
+    images that cannot be read (a cut shard, damaged bytes), whose reasons go to `unreadable` by key."""
     root = Path(shards)
     surveys = sorted(p.parent.name for p in root.glob("*/manifest.json"))
     out: dict[str, np.ndarray] = {}
@@ -41,6 +44,11 @@ def read_thumbnails(shards: str | Path, keys: list[str], size: int = 96) -> dict
                 for key in group.index:
                     offset, length = entries[key].members[ext]
                     tar.seek(offset)
-                    with Image.open(io.BytesIO(tar.read(length))) as image:
-                        out[key] = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+                    try:
+                        with Image.open(io.BytesIO(tar.read(length))) as image:
+                            out[key] = np.asarray(image.convert("RGB").resize((size, size),
+                                                                              Image.Resampling.BILINEAR))
+                    except (OSError, ValueError) as err:  # PIL's errors for cut or damaged image bytes
+                        if unreadable is not None:
+                            unreadable[key] = f"{shard}: {reject_reason(err)}"
     return out

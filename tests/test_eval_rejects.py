@@ -105,3 +105,15 @@ def test_reject_reasons_hold_no_object_address():
         Image.open(io.BytesIO(b"junk"))
     assert reading.reject_reason(caught.value) == ("UnidentifiedImageError: cannot identify image file "
                                                    "<_io.BytesIO object>")
+
+
+def test_thumbnails_of_a_cut_shard_skip_the_lost_images(damaged):
+    from eval.thumbnails import read_thumbnails
+
+    lost = _unreadable(damaged, "test")
+    info = load_survey_shards(damaged / "sdss", "test")
+    keys = [e.key for entries in info.index for e in entries]
+    unreadable = {}
+    thumbs = read_thumbnails(damaged, keys, unreadable=unreadable)
+    assert sorted(unreadable) == lost and sorted(thumbs) == sorted(set(keys) - set(lost))
+    assert all(" at 0x" not in reason for reason in unreadable.values())
