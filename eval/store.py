@@ -76,18 +76,20 @@ class PartStore:
             count += 1
         return count
 
+    def _rejects_listing(self, stream: int, block: int) -> Path:
+        return self.dir / (Path(self._name(stream, block)).stem + ".rejects.json")
+
     def num_rejects(self, stream: int) -> int:
         """Rejects recorded with the stream's finished parts (a resumed job counts them toward its error rate)."""
-        return sum(len(json.loads((self.dir / (Path(self._name(stream, block)).stem + ".rejects.json")).read_text()))
-                   for block in range(self.done_blocks(stream))
-                   if (self.dir / (Path(self._name(stream, block)).stem + ".rejects.json")).exists())
+        listings = [self._rejects_listing(stream, block) for block in range(self.done_blocks(stream))]
+        return sum(len(json.loads(path.read_text())) for path in listings if path.exists())
 
     def rows_done(self) -> int:
         return sum(pq.read_metadata(p).num_rows for p in sorted(self.dir.glob("part-*.parquet")))
 
     def write(self, stream: int, block: int, frame: pd.DataFrame, rejects: list[dict]) -> None:
         path = self.dir / self._name(stream, block)
-        listing = self.dir / (path.stem + ".rejects.json")
+        listing = self._rejects_listing(stream, block)
         listing.unlink(missing_ok=True)  # a block redone after a kill lists its rejects anew
         if rejects:
             listing.write_text(json.dumps(rejects, sort_keys=True) + "\n")
