@@ -45,11 +45,14 @@ class Rejects:
     num_read: int = 0  # samples attempted, readable or not
     num_bad: int = 0
     rows: list[dict] = field(default_factory=list)  # this job's rejects not yet taken
+    examples: list[dict] = field(default_factory=list)  # the first few, for the error message
 
     def add(self, shard: int, index: int, row: int, err: BaseException) -> None:
         self.num_bad += 1
         self.rows.append({"key": self.info.key(shard, index), "survey": self.info.name, "split": self.split,
                           "shard": self.info.paths[shard].name, "row": int(row), "reason": reject_reason(err)})
+        if len(self.examples) < 2:
+            self.examples.append(self.rows[-1])
 
     def take(self) -> list[dict]:
         rows, self.rows = self.rows, []
@@ -58,11 +61,12 @@ class Rejects:
     def check(self) -> None:
         rate = self.num_bad / max(self.num_read, 1)
         if self.num_read >= self.min_reads and rate > self.max_error_rate:
+            seen = "; ".join(f"{r['key']} in {r['shard']} ({r['reason']})" for r in self.examples)
             raise UnreadableShards(
                 f"{self.num_bad} of {self.num_read} {self.info.name} {self.split} samples read were unreadable (error "
-                f"rate {rate:.2%} > --max-error-rate {self.max_error_rate:.2%}); check the shards with `python -m "
-                f"sharding.verify {self.info.directory}` and rebuild the damaged ones (the rejects so far name each "
-                "key, shard and reason), or raise --max-error-rate to score what can be read")
+                f"rate {rate:.2%} > --max-error-rate {self.max_error_rate:.2%}), e.g. {seen or 'in earlier parts'}; "
+                f"check the shards with `python -m sharding.verify {self.info.directory}` and rebuild the damaged "
+                "ones, or raise --max-error-rate to score what can be read")
 
 
 @dataclass
