@@ -1,6 +1,7 @@
 """The dependency floors in setup.cfg are versions this project was run on: every installed requirement meets its
-floor, and the tiny config trains and exports. Marked `floors`: bench/gpu.sh also runs these on the GPU machine,
-whose torch, transformers and peft sit at the floors (bench/gpu_machine.txt)."""
+floor, the GPU machine's versions meet them too, and the tiny config trains and exports. bench/floors.sh runs this
+file (and others) with every requirement at exactly its floor; marked `floors`, bench/gpu.sh runs it on the GPU
+machine, whose torch, transformers and peft sit at the floors (bench/gpu_machine.txt)."""
 
 import configparser
 from importlib.metadata import version
