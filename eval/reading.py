@@ -8,22 +8,21 @@ two runs over the same shards write the same rejects.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from loaders.evaluation import _dali_batches, eval_refs, plain_image
+from loaders.evaluation import dali_batches, eval_refs, plain_image
 from loaders.shards import SampleReader, SurveyShards
 from loaders.source import LoaderConfig, check_image
+from sharding.images import without_addresses
 
 MAX_ERROR_RATE = LoaderConfig.max_error_rate
 MIN_READS = LoaderConfig.error_rate_min_reads
 CHECK_ROWS = 4096  # samples read (encoded bytes held) at a time
 REJECT_COLUMNS = ["key", "survey", "split", "shard", "row", "reason"]
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 class UnreadableShards(ValueError):
@@ -32,7 +31,7 @@ class UnreadableShards(ValueError):
 
 def reject_reason(err: BaseException) -> str:
     """The error as reject text: its type and message, without object addresses ('<_io.BytesIO object at 0x..>')."""
-    return _ADDRESS.sub("", f"{type(err).__name__}: {err}")
+    return without_addresses(f"{type(err).__name__}: {err}")
 
 
 @dataclass
@@ -138,7 +137,7 @@ def iter_batches(cfg: LoaderConfig, info: SurveyShards, refs: np.ndarray, rows: 
                 continue
             good_refs = np.stack([ref for ref, _, _ in good])
             good_rows = np.array([row for _, row, _ in good], np.int64)
-            for number, batch in enumerate(_dali_batches(cfg, info, good_refs, batch_size)):
+            for number, batch in enumerate(dali_batches(cfg, info, good_refs, batch_size)):
                 yield ImageBatch(batch.keys, batch.images, good_rows[number * batch_size:][:len(batch.keys)])
     finally:
         reader.close()

@@ -216,7 +216,12 @@ def build_report(paths: list[str], worst: int = 12) -> str:
             kind = kind_of(data)
         except (OSError, json.JSONDecodeError, ValueError) as err:
             raise ValueError(f"{path}: {err}") from None
-        sections.append(metrics_section(data, worst) if kind == "metrics" else SECTIONS[kind](data))
+        try:
+            sections.append(metrics_section(data, worst) if kind == "metrics" else SECTIONS[kind](data))
+        except KeyError as err:
+            # JSON of an older release (e.g. ood's pooled in-distribution r, now per survey): say so, not a traceback.
+            raise ValueError(f"{path}: a {kind} JSON without the field {err}, probably written by an older release; "
+                             f"re-run `python -m eval {kind}` to rebuild it") from None
     listing = "".join(f"<li>{html.escape(str(p))}</li>" for p in paths)
     return (f"<!DOCTYPE html><html><head><meta charset=utf-8><title>Galaxy Sommelier evaluation</title>"
             f"<style>{STYLE}</style></head><body><h1>Galaxy Sommelier evaluation report</h1>"

@@ -90,7 +90,7 @@ def iter_eval_batches(cfg: LoaderConfig, survey: str, split: str = "val", rank: 
     if backend == "dali":
         if perturb is not None:
             raise ValueError("perturbations run on the torch backend only")
-        yield from _dali_batches(cfg, info, refs, batch_size)
+        yield from dali_batches(cfg, info, refs, batch_size)
         return
     if backend != "torch":
         raise ValueError(f"unknown evaluation backend {backend!r}; expected torch or dali")
@@ -159,7 +159,7 @@ class PlainSource:
         return out
 
 
-def _dali_batches(cfg: LoaderConfig, info: SurveyShards, refs: np.ndarray, batch_size: int) -> Iterator[Batch]:
+def dali_batches(cfg: LoaderConfig, info: SurveyShards, refs: np.ndarray, batch_size: int) -> Iterator[Batch]:
     from loaders.dali import iter_plain_batches
 
     if not len(refs):

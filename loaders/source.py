@@ -21,6 +21,7 @@ from PIL import Image
 from loaders.augment import AugmentConfig, SamplePlan, draw_batch, make_plan
 from loaders.sampler import MixConfig, iter_rank_batches
 from loaders.shards import SampleReader, SurveyShards
+from sharding.images import without_addresses
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def check_image(data: bytes, ext: str) -> tuple[int, int]:
     except CorruptSample:
         raise
     except Exception as err:  # noqa: BLE001 - PIL raises many types for bad headers
-        raise CorruptSample(f"unreadable header ({type(err).__name__}: {err})") from None
+        raise CorruptSample(without_addresses(f"unreadable header ({type(err).__name__}: {err})")) from None
     if width < 1 or height < 1:
         raise CorruptSample(f"empty image {width}x{height}")
     return height, width

@@ -24,13 +24,17 @@ _UNREADABLE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, TypeError, Ind
                       Image.DecompressionBombError)
 
 
+def without_addresses(text: str) -> str:
+    """A library message without in-memory object addresses ('<_io.BytesIO object at 0x7f...>'): the address
+    would make two runs over the same inputs write different rejects tables and logs."""
+    return _ADDRESS.sub("", text)
+
+
 class ImageError(ValueError):
     """An input image that cannot be used; .reason is a short machine-friendly tag, str() a message naming the file."""
 
     def __init__(self, reason: str, message: str):
-        # Library messages can name an in-memory object ('<_io.BytesIO object at 0x7f...>'): the address would
-        # make two builds of the same inputs write different rejects tables.
-        super().__init__(_ADDRESS.sub("", message))
+        super().__init__(without_addresses(message))
         self.reason = reason
 
     def __reduce__(self):  # worker processes send these back through pickle

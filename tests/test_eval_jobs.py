@@ -292,3 +292,15 @@ def test_report_renders_in_headless_chromium(preds26, eval_shards, eval_exports,
     from PIL import Image
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.std() > 10  # text and plots, not a blank page
+
+
+def test_report_of_an_older_ood_json_says_what_to_rebuild(tmp_path, capsys):
+    from eval import report
+    old = {"held_out": "ukidss", "runs": {"mixed": {"training_surveys": ["sdss"], "in_distribution": {
+        "pooled": {"r": 0.4, "r_ci": [0.3, 0.5]}}, "mean": {}, "drop": {}}}, "pairs": []}
+    path = tmp_path / "ood.json"
+    path.write_text(json.dumps(old))
+    assert report.main([str(path), "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert "ood JSON without the field 'mean'" in err and "python -m eval ood" in err
+    assert not (tmp_path / "r.html").exists()

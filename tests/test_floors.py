@@ -1,7 +1,7 @@
 """The dependency floors in setup.cfg are versions this project was run on: every installed requirement meets its
-floor, the GPU machine's versions meet them too, and the tiny config trains and exports. bench/floors.sh runs this
-file (and others) with every requirement at exactly its floor; marked `floors`, bench/gpu.sh runs it on the GPU
-machine, whose torch, transformers and peft sit at the floors (bench/gpu_machine.txt)."""
+floor and the GPU machine's versions meet them too; tests/test_train.py's single-process run (also marked `floors`)
+trains and exports. bench/floors.sh runs these (and more) with every requirement at exactly its floor; bench/gpu.sh
+runs the `floors`-marked tests on the GPU machine, whose torch, transformers and peft sit at the floors."""
 
 import configparser
 from importlib.metadata import version
@@ -36,10 +36,3 @@ def test_floors_admit_the_gpu_machine_and_installed_versions_meet_them():
             f"the GPU machine's {req.name} {on_machine} does not meet {req} (bench/gpu_machine.txt)"
     floors = {req.name: min(s.version for s in req.specifier) for req in _requirements() if req.specifier}
     assert floors["torch"] == "2.11" and floors["transformers"] == "5.17"
-
-
-def test_the_tiny_config_trains_one_step_and_exports(shard_root, tmp_path):
-    from train_cases import _command, _overrides, _run, _steps
-    out = tmp_path / "run"
-    _run(_command(1, out, 1, _overrides(shard_root)))
-    assert list(_steps(out)) == [1] and (out / "export" / "export.json").is_file()

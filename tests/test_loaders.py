@@ -306,6 +306,10 @@ def test_check_image_catches_damage_before_decoding(shard_root):
     for damaged in (data[: size // 2], b"\x00" * 16 + data[16:], b"not an image at all"):
         with pytest.raises(CorruptSample):
             check_image(damaged, "jpg")
+    # PIL names the in-memory file it could not identify; the message (a log line, a reject) keeps no address.
+    with pytest.raises(CorruptSample, match="cannot identify image file") as caught:
+        check_image(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "png")
+    assert "0x" not in str(caught.value) and "BytesIO object>" in str(caught.value)
 
 
 def _pil_header(data: bytes) -> tuple[int, int] | None:

@@ -25,19 +25,33 @@ def test_every_train_config_loads_and_unknown_keys_fail():
         load_train_config(TINY, ["zero_stage=4"])
 
 
-def test_deepspeed_config_mapping():
+def test_deepspeed_reads_the_config_as_the_run_means_it(monkeypatch):
+    """DeepSpeed's own parser (not our dict) decides: batch arithmetic (it asserts train = micro x accumulation x
+    world size), ZeRO stage, bf16, clipping, optimizer and schedule as DeepSpeed will run them."""
+    import deepspeed.comm
+    from deepspeed.runtime.config import DeepSpeedConfig
+
     from train.engine import deepspeed_config
     cfg = load_train_config(TINY, ["data.global_batch_size=24", "grad_accum_steps=3", "precision=bf16",
-                                   "zero_stage=3", "max_steps=50", "optim.warmup_steps=10"])
-    ds = deepspeed_config(cfg, world_size=2, on_cuda=False)
-    assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 4
-    assert ds["gradient_accumulation_steps"] == 3 and ds["zero_optimization"]["stage"] == 3
-    assert ds["bf16"]["enabled"] and ds["optimizer"]["params"]["torch_adam"]
-    assert ds["scheduler"]["params"]["total_num_steps"] == 50 and ds["scheduler"]["params"]["warmup_num_steps"] == 10
+                                   "zero_stage=3", "max_steps=50", "optim.warmup_steps=10", "optim.grad_clip=0.7"])
+    monkeypatch.setattr(deepspeed.comm, "get_rank", lambda *a, **k: 0)
+
+    def parsed(world_size: int) -> DeepSpeedConfig:  # DeepSpeed asks deepspeed.comm for the world size
+        monkeypatch.setattr(deepspeed.comm, "get_world_size", lambda *a, **k: world_size)
+        return DeepSpeedConfig(deepspeed_config(cfg, world_size=2, on_cuda=False))
+    ds = parsed(2)
+    assert (ds.train_batch_size, ds.train_micro_batch_size_per_gpu, ds.gradient_accumulation_steps) == (24, 4, 3)
+    assert ds.zero_optimization_stage == 3 and ds.bfloat16_config.enabled and ds.gradient_clipping == 0.7
+    assert ds.optimizer_name == "adamw" and ds.optimizer_params["torch_adam"] and ds.optimizer_params["lr"] == 0.01
+    assert ds.scheduler_name == "WarmupCosineLR"
+    assert ds.scheduler_params["total_num_steps"] == 50 and ds.scheduler_params["warmup_num_steps"] == 10
+    with pytest.raises(AssertionError, match=r"24 != 4 \* 3 \* 3"):  # the same JSON on another world size
+        parsed(3)
     with pytest.raises(ValueError, match="divisible"):
         deepspeed_config(cfg, world_size=5, on_cuda=False)
 
 
+@pytest.mark.floors  # bench/gpu.sh runs it on the GPU machine, whose torch/transformers/peft are the floors
 def test_single_process_tiny_run_logs_checkpoints_and_exports(shard_root, tmp_path):
     import numpy as np
     import torch
