@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from sharding import images, parts, progress, render
-from sharding.catalog import Reject, check_columns, load_labels, parse_splits, read_catalog
+from sharding.catalog import Reject, check_columns, has_answers, load_labels, parse_splits, read_catalog
 from sharding.config import to_dict
 from sharding.registry import SurveyConfig, list_surveys, load_survey
 from sharding.schema import FeatureSchema, load_schema
@@ -55,6 +55,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="split fractions, assigned by a stable hash of the object id")
     parser.add_argument("--overwrite", action="store_true", help="delete this survey's previous output first")
     parser.add_argument("--strict", action="store_true", help="exit non-zero if any input was rejected")
+    parser.add_argument("--unlabeled", action="store_true",
+                        help="shard images with ids and positions only, for self-supervised training: every standard "
+                             "feature NaN, zero votes, the manifest says labelled: false. Automatic when the catalog "
+                             "has none of the survey's answer columns")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--part", metavar="I/N",
@@ -66,8 +70,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_params(args: argparse.Namespace, survey: SurveyConfig, catalog: Path, images_dir: Path) -> dict:
-    """Everything that decides the bytes of the output; a resume must match it exactly."""
+def build_params(args: argparse.Namespace, survey: SurveyConfig, catalog: Path, images_dir: Path,
+                 unlabeled: bool = False) -> dict:
+    """Everything that decides the bytes of the output; a resume must match it exactly.
+
+    "unlabeled" is present only when true, so labelled builds made before it existed still count as built.
+    """
     if not 1 <= args.jpeg_quality <= 100:
         raise ValueError(f"--jpeg-quality must be in 1..100, got {args.jpeg_quality}")
     pattern = args.image_pattern or survey.image_pattern
@@ -83,6 +91,7 @@ def build_params(args: argparse.Namespace, survey: SurveyConfig, catalog: Path, 
         "image_format": args.image_format, "jpeg_quality": args.jpeg_quality, "jpeg_chroma": args.jpeg_chroma,
         "keep_float": args.keep_float,
         "samples_per_shard": per_shard, "splits": parse_splits(args.splits), "survey": to_dict(survey),
+        **({"unlabeled": True} if unlabeled else {}),
     }
 
 
@@ -206,6 +215,7 @@ def finalize(out_dir: Path, survey: SurveyConfig, schema: FeatureSchema, params:
         "feature_schema": {"name": schema.name, "version": schema.version, "features": schema.names,
                            "questions": {q.name: [f.name for f in q.features] for q in schema.questions}},
         "build": params,
+        "labelled": not params.get("unlabeled", False),
         "members": [params["image_format"]] + (["npy"] if params["keep_float"] else []),
         "num_samples": len(written), "num_rejects": len(rejects),
         "splits": {split: {"num_samples": sum(r.num_samples for r in s.records), "num_shards": len(s.records)}
@@ -218,8 +228,9 @@ def finalize(out_dir: Path, survey: SurveyConfig, schema: FeatureSchema, params:
 
 
 def print_summary(manifest: dict, rejects: pd.DataFrame, seconds: float, out_dir: Path) -> None:
-    print(f"\n{manifest['survey']}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards "
-          f"-> {out_dir}  ({seconds:.1f} s)")
+    unlabeled = "" if manifest.get("labelled", True) else " (unlabeled)"
+    print(f"\n{manifest['survey']}{unlabeled}: {manifest['num_samples']} samples in "
+          f"{len(manifest['shards'])} shards -> {out_dir}  ({seconds:.1f} s)")
     for split, info in manifest["splits"].items():
         print(f"  {split:>6}: {info['num_samples']:>7} samples, {info['num_shards']:>4} shards")
     if len(rejects):
@@ -228,6 +239,19 @@ def print_summary(manifest: dict, rejects: pd.DataFrame, seconds: float, out_dir
             print(f"    {stage:>7} {reason:<16} {n}")
     else:
         print("  no rejects")
+
+
+def is_unlabeled(args: argparse.Namespace, columns, survey: SurveyConfig, catalog: Path) -> bool:
+    """--unlabeled, or a catalog without any of the survey's answer columns (said out loud: a catalog whose vote
+    columns are misnamed in the survey YAML would look the same, and a supervised stage then refuses it)."""
+    if args.unlabeled:
+        return True
+    if has_answers(columns, survey):
+        return False
+    print(f"{survey.name}: catalog {catalog} has none of the survey's answer columns: building it unlabeled "
+          "(images, ids and positions; pass --unlabeled to say so, or fix the column names in the survey YAML "
+          "if it has votes)", file=sys.stderr)
+    return True
 
 
 def run(args: argparse.Namespace) -> int:
@@ -239,10 +263,11 @@ def run(args: argparse.Namespace) -> int:
     if not images_dir.is_dir():
         raise ValueError(f"image directory not found: {images_dir}. Pass --images DIR.")
     df = read_catalog(catalog)
-    check_columns(df.columns, survey, catalog)
-    params = build_params(args, survey, catalog, images_dir)
+    unlabeled = is_unlabeled(args, df.columns, survey, catalog)
+    check_columns(df.columns, survey, catalog, labelled=not unlabeled)
+    params = build_params(args, survey, catalog, images_dir, unlabeled)
     survey_dir = Path(args.out) / survey.name
-    labels, catalog_rejects = load_labels(df, survey, schema, params["splits"])
+    labels, catalog_rejects = load_labels(df, survey, schema, params["splits"], labelled=not unlabeled)
     if not args.merge:
         check_images_found(labels, params, survey)  # on the whole catalog: a part may hold a handful of rows
     if args.part:

@@ -52,17 +52,32 @@ def read_catalog(path: str | Path) -> pd.DataFrame:
     raise ValueError(f"catalog {path}: unsupported format; use .csv, .parquet or a FITS table (.fits)")
 
 
-def check_columns(columns, survey: SurveyConfig, catalog_path: str | Path) -> None:
-    """Fail at once, naming the column and the survey YAML to fix, when a required column is absent."""
+def answer_columns(survey: SurveyConfig) -> list[str]:
+    """Every native column that can carry a vote for the survey: counts, fractions and question totals."""
+    cols = [c for f in survey.features for c in (*survey.count_columns(f), *survey.fraction_columns(f))]
+    cols += [c for cs in survey.question_totals.values() for c in cs]
+    return list(dict.fromkeys(cols))
+
+
+def has_answers(columns, survey: SurveyConfig) -> bool:
+    """Whether a catalog holds any of the survey's answer columns (none: an unlabeled catalog)."""
+    return bool(set(columns) & set(answer_columns(survey)))
+
+
+def check_columns(columns, survey: SurveyConfig, catalog_path: str | Path, labelled: bool = True) -> None:
+    """Fail at once, naming the column and the survey YAML to fix, when a required column is absent.
+
+    An unlabeled build needs only the id and position columns.
+    """
     have = set(columns)
     missing = [c for c in (survey.id_column, survey.ra_column, survey.dec_column) if c not in have]
-    for feature in survey.features:
+    for feature in survey.features if labelled else ():
         fractions = survey.fraction_columns(feature)
         counts = survey.count_columns(feature)
         if all(c in have for c in fractions) or all(c in have for c in counts):
             continue
         missing.extend(c for c in counts if c not in have)
-    for question, cols in survey.question_totals.items():
+    for question, cols in survey.question_totals.items() if labelled else ():
         uses_counts = any(all(c in have for c in survey.count_columns(f)) for f in survey.features
                           if f.split("_", 1)[0] == question)
         if uses_counts:
@@ -100,8 +115,9 @@ def _vote_columns(df: pd.DataFrame, survey: SurveyConfig) -> list[str]:
     return list(dict.fromkeys(cols))
 
 
-def row_rejects(df: pd.DataFrame, survey: SurveyConfig, ids: pd.Series) -> dict[int, Reject]:
-    """Rows that cannot be labels: missing or duplicated ids, bad coordinates, NaN or negative votes."""
+def row_rejects(df: pd.DataFrame, survey: SurveyConfig, ids: pd.Series, labelled: bool = True) -> dict[int, Reject]:
+    """Rows that cannot be samples: missing or duplicated ids, bad coordinates, NaN or negative votes (the votes
+    only when labelled: an unlabeled build ignores any vote columns)."""
     rejects: dict[int, Reject] = {}
 
     def add(mask: np.ndarray, reason: str, detail_of) -> None:
@@ -120,7 +136,7 @@ def row_rejects(df: pd.DataFrame, survey: SurveyConfig, ids: pd.Series) -> dict[
     add(dup, "duplicate-id", lambda i: f"{survey.id_column}={ids.iat[i]} already used by row {first_row[ids.iat[i]]}")
     coords = df[[survey.ra_column, survey.dec_column]].apply(pd.to_numeric, errors="coerce").to_numpy()
     add(~np.isfinite(coords).all(axis=1), "bad-coordinates", lambda i: f"ra/dec = {coords[i].tolist()}")
-    vote_cols = _vote_columns(df, survey)
+    vote_cols = _vote_columns(df, survey) if labelled else []
     if vote_cols:
         votes = df[vote_cols].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
         nan = ~np.isfinite(votes)
@@ -162,6 +178,22 @@ def map_labels(df: pd.DataFrame, survey: SurveyConfig, schema: FeatureSchema) ->
     return pd.DataFrame(out, index=df.index)
 
 
+def unlabeled_labels(index: pd.Index, schema: FeatureSchema) -> pd.DataFrame:
+    """The label columns of an unlabeled survey: every feature NaN (absent) and zero votes.
+
+    Zero votes, not NaN: a count-aware loss sees "no volunteer answered", and the loaders' masks (from the NaN
+    fractions) keep the galaxy out of every supervised loss.
+    """
+    out: dict[str, np.ndarray] = {}
+    for feature in schema.names:
+        out[feature] = np.full(len(index), np.nan, np.float32)
+    for feature in schema.names:
+        out[votes_column(feature)] = np.zeros(len(index), np.float32)
+    for question in schema.question_names:
+        out[total_votes_column(question)] = np.zeros(len(index), np.float32)
+    return pd.DataFrame(out, index=index)
+
+
 def fraction_rejects(labels: pd.DataFrame, schema: FeatureSchema, ids: pd.Series) -> dict[int, Reject]:
     """Rows whose vote fractions are outside [0, 1]: a catalog error, not a galaxy."""
     values = labels[schema.names].to_numpy(dtype=np.float64)
@@ -172,9 +204,14 @@ def fraction_rejects(labels: pd.DataFrame, schema: FeatureSchema, ids: pd.Series
                            int(i), ids.iat[i]) for i in np.flatnonzero(bad.any(axis=1))}
 
 
+def unit_hash(text: str) -> float:
+    """A stable number in [0, 1) from a string (sha256): the same on every machine, process and run."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2.0**64
+
+
 def split_of(object_id: str, splits: dict[str, float]) -> str:
     """Stable split by hash of the object id: adding galaxies to a catalog never moves old ones."""
-    u = int.from_bytes(hashlib.sha256(object_id.encode()).digest()[:8], "big") / 2.0**64
+    u = unit_hash(object_id)
     cumulative = 0.0
     for name, fraction in splits.items():
         cumulative += fraction
@@ -199,13 +236,17 @@ def parse_splits(text: str) -> dict[str, float]:
     return splits
 
 
-def load_labels(df: pd.DataFrame, survey: SurveyConfig, schema: FeatureSchema,
-                splits: dict[str, float]) -> tuple[pd.DataFrame, list[Reject]]:
-    """Accepted rows with key, id, coordinates, split, standard labels and native columns; and the row rejects."""
+def load_labels(df: pd.DataFrame, survey: SurveyConfig, schema: FeatureSchema, splits: dict[str, float],
+                labelled: bool = True) -> tuple[pd.DataFrame, list[Reject]]:
+    """Accepted rows with key, id, coordinates, split, standard labels and native columns; and the row rejects.
+
+    `labelled=False` (an unlabeled survey): the standard labels are unlabeled_labels, whatever vote columns the
+    catalog holds, and only ids and coordinates can reject a row.
+    """
     ids = normalise_ids(df[survey.id_column]).reset_index(drop=True)
     df = df.reset_index(drop=True)
-    labels = map_labels(df, survey, schema)
-    rejects = row_rejects(df, survey, ids)
+    labels = map_labels(df, survey, schema) if labelled else unlabeled_labels(df.index, schema)
+    rejects = row_rejects(df, survey, ids, labelled)
     for i, rej in fraction_rejects(labels, schema, ids).items():
         rejects.setdefault(i, rej)
     keys = ids.map(lambda oid: make_key(survey.name, oid))
