@@ -106,15 +106,16 @@ class SampleDraw:
 
 
 def draw_batch(cfg: AugmentConfig, seed: int, epoch: int, batch_index: int, global_batch_size: int,
-               positions: slice) -> list[SampleDraw]:
-    """Draws for `positions` of one global batch, seeded by (seed, epoch, batch): the same on any rank split.
+               positions: slice, stream: tuple[int, ...] = (AUGMENT_STREAM,)) -> list[SampleDraw]:
+    """Draws for `positions` of one global batch, seeded by (seed, epoch, batch, *stream): the same on any rank split.
 
     The whole batch is drawn at once and then sliced, so a position's numbers depend on neither the
-    world size nor the loader worker; a resumed run redraws exactly what it would have seen.
+    world size nor the loader worker; a resumed run redraws exactly what it would have seen. `stream` keeps
+    other users of these draws (multi-crop views, loaders.views) on generators of their own.
     """
     if not cfg.enabled:
         return [SampleDraw() for _ in range(positions.stop - positions.start)]
-    rng = np.random.default_rng([seed, epoch, batch_index, AUGMENT_STREAM])
+    rng = np.random.default_rng([seed, epoch, batch_index, *stream])
     n = global_batch_size
     log_ratio = np.log(cfg.crop_ratio)
     angle = rng.uniform(-cfg.rotation_deg, cfg.rotation_deg, n)

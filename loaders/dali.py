@@ -13,15 +13,18 @@ from loaders.augment import CONTRAST_CENTER
 from loaders.sampler import epoch_length
 from loaders.source import BatchSource, LoaderConfig, PreparedBatch
 
-DecodedBatch = tuple[int, torch.Tensor, np.ndarray, list[str], np.ndarray]
+DecodedBatch = tuple[int, torch.Tensor | list[torch.Tensor], np.ndarray, list[str], np.ndarray]
 
 # Every external_source output: (name, dtype, ndim, layout). One row per sample of the batch.
-SOURCE_OUTPUTS = [
+SAMPLE_OUTPUTS = [
     ("encoded", types.UINT8, 1, ""),
     ("key", types.UINT8, 1, ""),  # utf-8, zero-padded to BatchSource.key_length
     ("ref", types.INT64, 1, ""),  # (survey, shard, index) actually read
     ("position", types.INT64, 1, ""),  # (epoch, batch index): checks the order at the other end
     ("num_skipped", types.INT32, 0, ""),
+]
+# A plan's outputs, once per image made from the decoded sample (one, or one per multi-crop view).
+PLAN_OUTPUTS = [
     ("degrade", types.BOOL, 0, ""),
     ("degrade_sigma", types.FLOAT, 0, ""),
     ("small_hw", types.FLOAT, 1, ""),
@@ -36,8 +39,16 @@ SOURCE_OUTPUTS = [
     ("norm_mean", types.FLOAT, 1, ""),  # normalisation with brightness/contrast folded in, 0..255 units
     ("norm_std", types.FLOAT, 1, ""),
 ]
-PIPELINE_OUTPUTS = ["images", "key", "ref", "position", "num_skipped"]
 _NO_NOISE = np.zeros((1, 1, 3), np.float32)
+
+
+def source_outputs(num_images: int) -> list[tuple]:
+    """The sample's outputs, then every image's plan outputs (named <output>_<image>)."""
+    return SAMPLE_OUTPUTS + [(f"{name}_{v}", *rest) for v in range(num_images) for name, *rest in PLAN_OUTPUTS]
+
+
+def pipeline_outputs(num_images: int) -> list[str]:
+    return [f"images_{v}" for v in range(num_images)] + ["key", "ref", "position", "num_skipped"]
 
 
 class DaliSource:
@@ -48,9 +59,9 @@ class DaliSource:
     """
 
     def __init__(self, source: BatchSource, first_epoch: int, first_batch: int, num_batches: int,
-                 mean: list[float], std: list[float]) -> None:
+                 mean: list[float], std: list[float], sizes: list[int]) -> None:
         self.source, self.first_epoch, self.first_batch = source, first_epoch, first_batch
-        self.num_batches = num_batches
+        self.num_batches, self.sizes = num_batches, sizes
         self.mean = np.array([255.0 * m for m in mean], np.float32)  # crop_mirror_normalize works in 0..255
         self.std = np.array([255.0 * v for v in std], np.float32)
 
@@ -60,7 +71,7 @@ class DaliSource:
         if batch_index >= self.num_batches:
             raise StopIteration
         prepared = self.source.prepare(epoch, batch_index, self.source.batch_refs(epoch, batch_index))
-        return pack(prepared, epoch, self.source.key_length, self.source.image_size, self.mean, self.std)
+        return pack(prepared, epoch, self.source.key_length, self.sizes, self.mean, self.std)
 
 
 def _resize_windows(matrices: np.ndarray, out_size: int) -> dict[str, np.ndarray]:
@@ -87,25 +98,39 @@ def _normalisation(brightness: np.ndarray, contrast: np.ndarray, mean: np.ndarra
     return {"norm_mean": ((mean - offset) / gain).astype(np.float32), "norm_std": (std / gain).astype(np.float32)}
 
 
-def pack(prepared: PreparedBatch, epoch: int, key_length: int, out_size: int, mean: np.ndarray,
+def pack(prepared: PreparedBatch, epoch: int, key_length: int, sizes: list[int], mean: np.ndarray,
          std: np.ndarray) -> tuple[np.ndarray | list[np.ndarray], ...]:
-    """A PreparedBatch as external_source outputs, in SOURCE_OUTPUTS order.
+    """A PreparedBatch as external_source outputs, in source_outputs(len(sizes)) order.
 
     Fixed-shape outputs go as one (N, ...) array each, which DALI copies in one piece; a list of per-sample
     arrays costs a conversion per sample and output (most of the feeding time).
     """
-    plans, n = prepared.plans, len(prepared.plans)
+    n = len(prepared.plans)
     keys = np.zeros((n, key_length), np.uint8)
     for i, key in enumerate(prepared.keys):
         encoded_key = key.encode()
         keys[i, :len(encoded_key)] = np.frombuffer(encoded_key, np.uint8)
-    matrices = np.stack([p.matrix for p in plans]).astype(np.float32)
-    prefilter_sigma = np.array([p.prefilter_sigma for p in plans], np.float32)
     columns = {
         "encoded": [np.frombuffer(data, np.uint8) for data in prepared.data], "key": keys,
         "ref": np.ascontiguousarray(prepared.refs, np.int64),
         "position": np.tile(np.array([epoch, prepared.batch_index], np.int64), (n, 1)),
-        "num_skipped": np.asarray(prepared.num_skipped, np.int32),
+        "num_skipped": np.asarray(prepared.num_skipped, np.int32)}
+    out = [columns[name] for name, *_ in SAMPLE_OUTPUTS]
+    plan_sets = prepared.views if prepared.views is not None else [prepared.plans]
+    assert len(plan_sets) == len(sizes), "one output size per image"
+    for plans, size in zip(plan_sets, sizes):
+        plan_columns = _plan_columns(plans, size, mean, std)
+        out += [plan_columns[name] for name, *_ in PLAN_OUTPUTS]
+    # Dense arrays only: DALI refuses strided views, and astype/fancy indexing may keep one.
+    return tuple(c if isinstance(c, list) else np.ascontiguousarray(c) for c in out)
+
+
+def _plan_columns(plans: list, out_size: int, mean: np.ndarray, std: np.ndarray) -> dict:
+    """One image's plans as PLAN_OUTPUTS columns."""
+    n = len(plans)
+    matrices = np.stack([p.matrix for p in plans]).astype(np.float32)
+    prefilter_sigma = np.array([p.prefilter_sigma for p in plans], np.float32)
+    return {
         "degrade": np.array([p.degrade for p in plans], bool),
         "degrade_sigma": np.array([p.degrade_sigma for p in plans], np.float32),
         "small_hw": np.array([p.small_hw for p in plans], np.float32).reshape(n, 2),
@@ -115,9 +140,6 @@ def pack(prepared: PreparedBatch, epoch: int, key_length: int, out_size: int, me
         "matrix": matrices, **_resize_windows(matrices, out_size),
         **_normalisation(np.array([p.brightness for p in plans], np.float64),
                          np.array([p.contrast for p in plans], np.float64), mean, std)}
-    # Dense arrays only: DALI refuses strided views, and astype/fancy indexing may keep one.
-    return tuple(c if isinstance(c, list) else np.ascontiguousarray(c) for c in
-                 (columns[name] for name, *_ in SOURCE_OUTPUTS))
 
 
 def _resample(images, s, out_size: int, is_uint8: bool):
@@ -143,18 +165,27 @@ def _normalise(images, s):
 
 
 @pipeline_def(enable_conditionals=True)
-def augment_pipeline(source: DaliSource, parallel: bool, prefetch: int, gpu: bool, out_size: int):
-    """Decode -> [degrade] -> [antialias blur] -> warp or resize -> normalise with brightness/contrast folded in.
+def augment_pipeline(source: DaliSource, parallel: bool, prefetch: int, gpu: bool, sizes: tuple[int, ...]):
+    """Decode once -> per image (one, or one per multi-crop view): [degrade] -> [antialias blur] -> warp or
+    resize -> normalise with brightness/contrast folded in.
 
     Degraded samples work in float (the noise must not be rounded); the rest stay uint8 until the
     final normalisation, which is about 30% faster on DALI's CPU operators and rounds by at most half a level.
     """
+    outputs = source_outputs(len(sizes))
     parallel_args = {"prefetch_queue_depth": prefetch} if parallel else {}
-    s = dict(zip([name for name, *_ in SOURCE_OUTPUTS], fn.external_source(
-        source, num_outputs=len(SOURCE_OUTPUTS), batch=True, batch_info=True, parallel=parallel,
-        dtype=[o[1] for o in SOURCE_OUTPUTS], ndim=[o[2] for o in SOURCE_OUTPUTS],
-        layout=[o[3] for o in SOURCE_OUTPUTS], **parallel_args)))
-    images = fn.decoders.image(s["encoded"], device="mixed" if gpu else "cpu", output_type=types.RGB)
+    s = dict(zip([name for name, *_ in outputs], fn.external_source(
+        source, num_outputs=len(outputs), batch=True, batch_info=True, parallel=parallel,
+        dtype=[o[1] for o in outputs], ndim=[o[2] for o in outputs], layout=[o[3] for o in outputs],
+        **parallel_args)))
+    decoded = fn.decoders.image(s["encoded"], device="mixed" if gpu else "cpu", output_type=types.RGB)
+    images = [_image(decoded, {name: s[f"{name}_{v}"] for name, *_ in PLAN_OUTPUTS}, size, gpu)
+              for v, size in enumerate(sizes)]
+    return (*images, s["key"], s["ref"], s["position"], s["num_skipped"])
+
+
+def _image(images, s, out_size: int, gpu: bool):
+    """One plan's image from the decoded samples."""
     if s["degrade"]:
         images = fn.gaussian_blur(fn.cast(images, dtype=types.FLOAT), sigma=s["degrade_sigma"])
         images = fn.warp_affine(images, matrix=s["down_matrix"], size=s["small_hw"])
@@ -162,7 +193,7 @@ def augment_pipeline(source: DaliSource, parallel: bool, prefetch: int, gpu: boo
         images = _resample(images, s, out_size, is_uint8=False)
     else:
         images = _resample(images, s, out_size, is_uint8=True)
-    return images, s["key"], s["ref"], s["position"], s["num_skipped"]
+    return images
 
 
 class DaliBackend:
@@ -196,20 +227,9 @@ class DaliBackend:
 
     def _start(self, epoch: int, first_batch: int) -> None:
         self.close()
-        cfg = self.cfg
-        gpu = cfg.device == "gpu"
-        parallel = cfg.num_workers > 0
-        pipeline = augment_pipeline(
-            DaliSource(self.source, epoch, first_batch, self.num_batches, list(cfg.mean), list(cfg.std)),
-            parallel, cfg.prefetch, gpu, cfg.image_size, batch_size=self.source.batch_size_per_rank,
-            num_threads=cfg.num_threads, device_id=torch.cuda.current_device() if gpu else None,
-            prefetch_queue_depth=cfg.prefetch, py_num_workers=max(cfg.num_workers, 1),
-            # Forking a process that holds a CUDA context is unsupported: spawn once CUDA is up.
-            py_start_method="spawn" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork")
-        pipeline.build()
-        self._pipeline = pipeline
-        self._iterator = DALIGenericIterator(pipeline, PIPELINE_OUTPUTS, auto_reset=False,
-                                             last_batch_policy=LastBatchPolicy.FILL)
+        source = DaliSource(self.source, epoch, first_batch, self.num_batches, list(self.cfg.mean),
+                            list(self.cfg.std), self.source.sizes)
+        self._pipeline, self._iterator = _build(source, self.cfg, self.source.batch_size_per_rank)
         self._next = (epoch, first_batch)
 
     def _finish_epoch(self, epoch: int) -> None:
@@ -227,8 +247,24 @@ class DaliBackend:
         assert (epoch, batch_index) == self._next, "DALI returned batches out of order"
         self._next = (epoch, batch_index + 1)
         keys = [bytes(row.numpy()).rstrip(b"\0").decode() for row in out["key"].cpu()]
-        return (batch_index, out["images"], out["ref"].cpu().numpy(), keys,
+        images = [out[f"images_{v}"] for v in range(len(self.source.sizes))]
+        return (batch_index, images if self.source.views.enabled else images[0], out["ref"].cpu().numpy(), keys,
                 out["num_skipped"].cpu().numpy().reshape(-1))
+
+
+def _build(source: DaliSource, cfg: LoaderConfig, batch_size: int):
+    """(pipeline, iterator) of augment_pipeline over `source`, built."""
+    gpu = cfg.device == "gpu"
+    pipeline = augment_pipeline(
+        source, cfg.num_workers > 0, cfg.prefetch, gpu, tuple(source.sizes), batch_size=batch_size,
+        num_threads=cfg.num_threads, device_id=torch.cuda.current_device() if gpu else None,
+        prefetch_queue_depth=cfg.prefetch, py_num_workers=max(cfg.num_workers, 1),
+        # Forking a process that holds a CUDA context is unsupported: spawn once CUDA is up.
+        py_start_method="spawn" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork")
+    pipeline.build()
+    iterator = DALIGenericIterator(pipeline, pipeline_outputs(len(source.sizes)), auto_reset=False,
+                                   last_batch_policy=LastBatchPolicy.FILL)
+    return pipeline, iterator
 
 
 def iter_plain_batches(source, cfg: LoaderConfig) -> Iterator[tuple[int, torch.Tensor]]:
@@ -237,18 +273,9 @@ def iter_plain_batches(source, cfg: LoaderConfig) -> Iterator[tuple[int, torch.T
     The training pipeline with identity plans, so GPU decoding gives the pixels training saw. Images are
     cloned: DALI's iterator refills the same tensors on the next call.
     """
-    gpu = cfg.device == "gpu"
-    parallel = cfg.num_workers > 0
-    pipeline = augment_pipeline(
-        DaliSource(source, 0, 0, source.num_batches, list(cfg.mean), list(cfg.std)), parallel, cfg.prefetch, gpu,
-        cfg.image_size, batch_size=source.batch_size, num_threads=cfg.num_threads,
-        device_id=torch.cuda.current_device() if gpu else None, prefetch_queue_depth=cfg.prefetch,
-        py_num_workers=max(cfg.num_workers, 1),
-        py_start_method="spawn" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork")
-    pipeline.build()
-    iterator = DALIGenericIterator(pipeline, PIPELINE_OUTPUTS, auto_reset=False,
-                                   last_batch_policy=LastBatchPolicy.FILL)
+    dali_source = DaliSource(source, 0, 0, source.num_batches, list(cfg.mean), list(cfg.std), [cfg.image_size])
+    _, iterator = _build(dali_source, cfg, source.batch_size)
     for outputs in iterator:
         out = outputs[0]
         _, batch_index = (int(v) for v in out["position"][0])
-        yield batch_index, out["images"].clone()
+        yield batch_index, out["images_0"].clone()

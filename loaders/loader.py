@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,8 @@ from loaders.source import Backend, BatchSource, LoaderConfig
 from loaders.torch_backend import TorchBackend
 
 __all__ = ["LoaderConfig", "MixedLoader", "build_loader"]  # LoaderConfig lives in loaders.source
+
+logger = logging.getLogger(__name__)
 
 
 class MixedLoader:
@@ -40,7 +43,12 @@ class MixedLoader:
                 assert (epoch, batch_index) == (self.sampler.epoch, self.sampler.batch_index), \
                     "backend yielded batches out of order"
                 self._count(refs, num_skipped)
-                batch = make_batch(self._cast(images), label_arrays(self._source.surveys, refs), refs, keys)
+                labels = label_arrays(self._source.surveys, refs)
+                if isinstance(images, list):  # multi-crop views: images is the first global crop
+                    views = [self._cast(v) for v in images]
+                    batch = make_batch(views[0], labels, refs, keys, views, self.cfg.views.num_global_views)
+                else:
+                    batch = make_batch(self._cast(images), labels, refs, keys)
                 self.sampler.advance(1)  # before yielding: a state_dict() taken now resumes after this batch
                 yield batch
         finally:
@@ -80,7 +88,10 @@ def build_loader(cfg: LoaderConfig, mix: MixConfig, rank: int = 0, world_size: i
     sampler = MixingSampler({s.name: s.shard_counts for s in surveys}, mix)
     if sampler_state is not None:
         sampler.load_state_dict(sampler_state)
-    source = BatchSource(surveys, mix, cfg.augment, cfg.image_size, rank, world_size)
+    if cfg.views.enabled and cfg.augment.enabled:
+        logger.warning("loader: views are enabled, so augment (enabled too) is not used: each view has its own "
+                       "augmentation (data.loader.views.global_crops / local_crops)")
+    source = BatchSource(surveys, mix, cfg.augment, cfg.image_size, rank, world_size, cfg.views)
     return MixedLoader(cfg, source, sampler, _make_backend(cfg, source))
 
 

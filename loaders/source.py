@@ -21,6 +21,7 @@ from PIL import Image
 from loaders.augment import AugmentConfig, SamplePlan, draw_batch, make_plan
 from loaders.sampler import MixConfig, iter_rank_batches
 from loaders.shards import SampleReader, SurveyShards
+from loaders.views import ViewsConfig, draw_views, plan_views
 from sharding.images import without_addresses
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class LoaderConfig:
     """Per-channel mean on 0..1 pixels (ImageNet's, which DINOv2 was trained with)."""
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     augment: AugmentConfig = AugmentConfig()
+    views: ViewsConfig = ViewsConfig()
+    """Multi-crop views (self-supervised training); when enabled they replace `augment` for training batches."""
     max_error_rate: float = 0.01
     """Unreadable samples / samples read, per survey, above which the loader stops."""
     error_rate_min_reads: int = 50
@@ -162,17 +165,22 @@ class PreparedBatch:
     data: list[bytes]
     plans: list[SamplePlan]
     num_skipped: np.ndarray  # (n,) int32: unreadable samples replaced to fill each slot
+    views: list[list[SamplePlan]] | None = None
+    """With multi-crop views: per view (global crops first), every sample's plan; `plans` is views[0]."""
 
 
 class BatchSource:
     """Turns (epoch, batch index) into this rank's PreparedBatch; picklable, the same in any process."""
 
     def __init__(self, surveys: list[SurveyShards], mix: MixConfig, augment: AugmentConfig, image_size: int,
-                 rank: int, world_size: int) -> None:
+                 rank: int, world_size: int, views: ViewsConfig = ViewsConfig()) -> None:
         if mix.global_batch_size % world_size or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} of world_size {world_size}: need 0 <= rank < world_size and a "
                              f"global_batch_size ({mix.global_batch_size}) divisible by the world size")
         self.surveys, self.mix, self.augment, self.image_size = surveys, mix, augment, image_size
+        self.views = views
+        self.sizes = views.sizes if views.enabled else [image_size]
+        """Output side of each image a backend makes per sample: every view's, or the one image's."""
         self.rank, self.world_size = rank, world_size
         self.shard_counts = {s.name: s.shard_counts for s in surveys}
         self.batch_size_per_rank = mix.global_batch_size // world_size
@@ -201,14 +209,25 @@ class BatchSource:
     def prepare(self, epoch: int, batch_index: int, refs: np.ndarray) -> PreparedBatch:
         """Read every ref (replacing unreadable ones), draw its augmentation and plan it."""
         slots = slice(self.rank * self.batch_size_per_rank, (self.rank + 1) * self.batch_size_per_rank)
-        draws = draw_batch(self.augment, self.mix.seed, epoch, batch_index, self.mix.global_batch_size, slots)
-        out = PreparedBatch(batch_index, np.empty_like(refs), [], [], [], np.zeros(len(refs), np.int32))
-        for i, (ref, draw) in enumerate(zip(refs, draws)):
+        seed, batch_size = self.mix.seed, self.mix.global_batch_size
+        if self.views.enabled:
+            view_draws = draw_views(self.views, seed, epoch, batch_index, batch_size, slots)
+        else:
+            draws = draw_batch(self.augment, seed, epoch, batch_index, batch_size, slots)
+        out = PreparedBatch(batch_index, np.empty_like(refs), [], [], [], np.zeros(len(refs), np.int32),
+                            [[] for _ in self.sizes] if self.views.enabled else None)
+        for i, ref in enumerate(refs):
             out.refs[i], data, hw, out.num_skipped[i] = self._read_valid(tuple(int(v) for v in ref))
             info = self.surveys[int(ref[0])]
             out.keys.append(info.key(int(out.refs[i, 1]), int(out.refs[i, 2])))
             out.data.append(data)
-            out.plans.append(make_plan(self.augment, draw, hw, self.image_size, info.name))
+            if out.views is None:
+                out.plans.append(make_plan(self.augment, draws[i], hw, self.image_size, info.name))
+                continue
+            for view_plans, plan in zip(out.views, plan_views(self.views, view_draws, i, hw, info.name)):
+                view_plans.append(plan)
+        if out.views is not None:
+            out.plans = out.views[0]
         return out
 
     def _read_valid(self, ref: tuple[int, int, int]) -> tuple[tuple[int, int, int], bytes, tuple[int, int], int]:
@@ -238,7 +257,8 @@ def _next_sample(info: SurveyShards, shard: int, index: int) -> tuple[int, int]:
 
 class Backend(Protocol):
     def iter_epoch(self, epoch: int, start_sample: int) -> Iterator[
-            tuple[int, torch.Tensor, np.ndarray, list[str], np.ndarray]]:
-        """(batch index, images (N, 3, S, S) float32, refs, keys, num_skipped) per batch, in order."""
+            tuple[int, torch.Tensor | list[torch.Tensor], np.ndarray, list[str], np.ndarray]]:
+        """(batch index, images (N, 3, S, S) float32, refs, keys, num_skipped) per batch, in order; with
+        multi-crop views a list of every view's (N, 3, S_v, S_v) images in place of the images."""
 
     def close(self) -> None: ...

@@ -11,9 +11,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from loaders.augment import AugmentConfig, SampleDraw, SamplePlan, adjust, apply_plan, apply_turn, make_plan, plain_turn
-from loaders.source import BatchSource, LoaderConfig
+from loaders.source import BatchSource, LoaderConfig, PreparedBatch
 
-DecodedBatch = tuple[int, torch.Tensor, np.ndarray, list[str], np.ndarray]
+DecodedBatch = tuple[int, torch.Tensor | list[torch.Tensor], np.ndarray, list[str], np.ndarray]
+"""(batch index, images or every view's images, refs, keys, num_skipped)."""
 
 
 def decode_image(data: bytes) -> torch.Tensor:
@@ -69,14 +70,27 @@ class EpochBatches(IterableDataset):
     def __iter__(self) -> Iterator[DecodedBatch]:
         info = get_worker_info()
         worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        size = self.source.image_size
         for batch_index, refs in self.source.rank_batches(self.epoch, self.start_sample, worker_id, num_workers):
             prepared = self.source.prepare(self.epoch, batch_index, refs)
-            images = torch.empty(len(prepared.data), 3, size, size)
-            for i, (ref, data, plan) in enumerate(zip(prepared.refs.tolist(), prepared.data, prepared.plans)):
-                torch.sub(self.cache.image(tuple(ref), data, plan, size), self.mean, out=images[i])
-            images.div_(self.std)
+            images = self._views(prepared) if prepared.views is not None else self._images(prepared)
             yield batch_index, images, prepared.refs, prepared.keys, prepared.num_skipped
+
+    def _images(self, prepared: PreparedBatch) -> torch.Tensor:
+        size = self.source.image_size
+        images = torch.empty(len(prepared.data), 3, size, size)
+        for i, (ref, data, plan) in enumerate(zip(prepared.refs.tolist(), prepared.data, prepared.plans)):
+            torch.sub(self.cache.image(tuple(ref), data, plan, size), self.mean, out=images[i])
+        return images.div_(self.std)
+
+    def _views(self, prepared: PreparedBatch) -> list[torch.Tensor]:
+        """Every view of every sample, each sample decoded once."""
+        sizes = self.source.sizes
+        views = [torch.empty(len(prepared.data), 3, size, size) for size in sizes]
+        for i, data in enumerate(prepared.data):
+            image = decode_image(data)
+            for out, plans, size in zip(views, prepared.views, sizes):
+                torch.sub(apply_plan(image, plans[i], size), self.mean, out=out[i])
+        return [v.div_(self.std) for v in views]
 
 
 def _as_is(batch: DecodedBatch) -> DecodedBatch:

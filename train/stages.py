@@ -51,8 +51,7 @@ def fractions(raw_logits: torch.Tensor, model: MorphologyModel) -> torch.Tensor:
 
 
 def slice_batch(batch: Batch, part: slice) -> Batch:
-    return Batch(batch.images[part], batch.features[part], batch.feature_mask[part], batch.votes[part],
-                 batch.total_votes[part], batch.survey[part], batch.keys[part])
+    return batch.slice(part)  # multi-crop views included
 
 
 def provenance(cfg: TrainConfig, step: int, val_results: dict | None = None) -> dict:
