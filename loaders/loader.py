@@ -11,7 +11,7 @@ import torch
 
 from loaders.batch import Batch, label_arrays, make_batch
 from loaders.sampler import MixConfig, MixingSampler
-from loaders.shards import load_shard_root
+from loaders.shards import keep_label_fraction, load_shard_root
 from loaders.source import Backend, BatchSource, LoaderConfig
 from loaders.torch_backend import TorchBackend
 
@@ -82,9 +82,14 @@ class MixedLoader:
 
 
 def build_loader(cfg: LoaderConfig, mix: MixConfig, rank: int = 0, world_size: int = 1,
-                 sampler_state: dict | None = None) -> MixedLoader:
-    """The loader for one rank: shards of the mix's surveys under cfg.shard_root, sampler, backend."""
-    surveys = load_shard_root(cfg.shard_root, list(mix.ratios), cfg.split)
+                 sampler_state: dict | None = None, label_fraction: float = 1.0) -> MixedLoader:
+    """The loader for one rank: shards of the mix's surveys under cfg.shard_root, sampler, backend.
+
+    `label_fraction` < 1 keeps each survey's samples whose stable key hash is below it (loaders.shards.label_kept),
+    the same set on any world size; the sampler mixes the kept samples exactly.
+    """
+    surveys = [keep_label_fraction(s, label_fraction) for s in load_shard_root(cfg.shard_root, list(mix.ratios),
+                                                                               cfg.split)]
     sampler = MixingSampler({s.name: s.shard_counts for s in surveys}, mix)
     if sampler_state is not None:
         sampler.load_state_dict(sampler_state)

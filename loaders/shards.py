@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from sharding.catalog import unit_hash
 from sharding.schema import FeatureSchema, load_schema, total_votes_column, votes_column
 
 
@@ -50,6 +53,8 @@ class SurveyShards:
     votes: np.ndarray  # (num_samples, num_features) float32 vote counts, NaN where absent
     total_votes: np.ndarray  # (num_samples, num_questions) float32
     shard_starts: np.ndarray  # row of each shard's first sample in the arrays above
+    labelled: bool = True
+    """False for a survey built unlabeled (sharding.build --unlabeled): features all NaN, zero votes."""
 
     @property
     def shard_counts(self) -> list[int]:
@@ -103,7 +108,7 @@ def load_survey_shards(directory: str | Path, split: str = "train",
         features=labels[schema.names].to_numpy(np.float32),
         votes=labels[[votes_column(f) for f in schema.names]].to_numpy(np.float32),
         total_votes=labels[[total_votes_column(q) for q in schema.question_names]].to_numpy(np.float32),
-        shard_starts=starts)
+        shard_starts=starts, labelled=bool(manifest.get("labelled", True)))
 
 
 def load_shard_root(root: str | Path, surveys: list[str], split: str = "train",
@@ -116,6 +121,65 @@ def load_shard_root(root: str | Path, surveys: list[str], split: str = "train",
         raise ValueError(f"{root}: no built shards for {unknown} (found {available}); "
                          f"run `python -m sharding.build --survey <name> --out {root}`")
     return [load_survey_shards(root / s, split, schema) for s in surveys]
+
+
+def unlabeled_surveys(root: str | Path, surveys: Iterable[str]) -> list[str]:
+    """The named surveys whose manifest under `root` says they were built unlabeled, in the given order.
+
+    Manifests made before unlabeled builds existed have no "labelled" entry: they are labelled. A survey without a
+    manifest is left to load_shard_root, which names it with the command that builds it.
+    """
+    out = []
+    for survey in surveys:
+        path = Path(root) / survey / "manifest.json"
+        if path.is_file() and not json.loads(path.read_text()).get("labelled", True):
+            out.append(survey)
+    return out
+
+
+def check_labelled(root: str | Path, surveys: Iterable[str], what: str) -> None:
+    """Refuse, naming them, unlabeled surveys where `what` (e.g. "stage 'full'") needs labels."""
+    unlabeled = unlabeled_surveys(root, surveys)
+    if unlabeled:
+        raise ValueError(f"{what} trains on labels, but survey(s) {unlabeled} under {root} were built unlabeled "
+                         "(manifest.json says labelled: false); leave them out of data.mix and data.val_surveys, "
+                         "or use them in the self-supervised stage")
+
+
+LABEL_HASH_PREFIX = "label-fraction:"
+"""Salt of the label-fraction hash: which galaxies keep labels is unrelated to any other hash of the key."""
+
+
+def label_kept(key: str, fraction: float) -> bool:
+    """Whether a sample is in the `fraction` of labelled training samples (a stable hash of its key).
+
+    The same sample on any machine, world size or run; a larger fraction keeps every sample a smaller one keeps,
+    so 10% of the labels is a subset of 50%.
+    """
+    return unit_hash(LABEL_HASH_PREFIX + key) < fraction
+
+
+def keep_label_fraction(info: SurveyShards, fraction: float) -> SurveyShards:
+    """The survey with only the samples label_kept at `fraction`, removed from its index (and label rows).
+
+    The sampler sees the reduced shard counts, so exact mixing, drift and resume hold on the kept samples as on
+    any survey; shards keep their positions (a shard may hold none). Readers still find each kept sample by its
+    offset in the unchanged tar.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"data.label_fraction must be in (0, 1], got {fraction!r}")
+    if fraction == 1.0:
+        return info
+    keep = [[label_kept(e.key, fraction) for e in entries] for entries in info.index]
+    index = [[e for e, k in zip(entries, kept) if k] for entries, kept in zip(info.index, keep)]
+    num_kept = sum(len(entries) for entries in index)
+    if num_kept == 0:
+        raise ValueError(f"data.label_fraction {fraction} keeps none of {info.name}'s {info.num_samples} samples; "
+                         "raise it or leave the survey out of the mix")
+    rows = np.flatnonzero(np.concatenate([np.asarray(k, bool) for k in keep]))
+    starts = np.concatenate([[0], np.cumsum([len(e) for e in index])[:-1]]).astype(np.int64)
+    return dataclasses.replace(info, index=index, features=info.features[rows], votes=info.votes[rows],
+                               total_votes=info.total_votes[rows], shard_starts=starts)
 
 
 MAX_OPEN_SHARDS = 64

@@ -24,6 +24,13 @@ class DataConfig:
     val_surveys: list[str] = field(default_factory=list)  # default: the mixed surveys
     val_max_samples: int = 256  # per survey, per validation pass
     val_batch_size: int = 32
+    # Share of each mixed survey's training samples kept, by a stable hash of the sample key (the same on any world
+    # size; 0.1 keeps a subset of what 0.5 keeps); the sampler mixes the kept ones exactly. Validation is untouched.
+    label_fraction: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ValueError(f"data.label_fraction must be in (0, 1], got {self.label_fraction!r}")
 
     def mix_config(self, seed: int) -> MixConfig:
         return MixConfig(ratios=self.mix, global_batch_size=self.global_batch_size, seed=seed,

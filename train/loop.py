@@ -20,6 +20,7 @@ import yaml
 from loaders.batch import Batch
 from loaders.loader import MixedLoader, build_loader
 from loaders.pfair import format_shares
+from loaders.shards import check_labelled
 from models.sample_noise import sample_noise, sample_seeds
 from sharding.config import to_dict
 from sharding.schema import FeatureSchema, load_schema
@@ -71,6 +72,9 @@ def run_identity(cfg: TrainConfig, schema: FeatureSchema, model: torch.nn.Module
 
 
 def setup(cfg: TrainConfig, world: World, resume: str | None) -> Run:
+    if cfg.stage in ("head", "full", "lora"):  # supervised: refuse unlabeled surveys before any work
+        check_labelled(cfg.data.loader.shard_root, [*cfg.data.mix_config(cfg.seed).ratios, *cfg.data.val_surveys],
+                       f"stage {cfg.stage!r}")
     on_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     ds.init_distributed("nccl" if on_cuda else "gloo")
     if on_cuda:
@@ -88,7 +92,7 @@ def setup(cfg: TrainConfig, world: World, resume: str | None) -> Run:
     engine = ds.Engine(model, ds.param_groups(model, cfg, num_layers), ds_config,
                        keep_fp32_fixed=world.is_main and cfg.precision != "fp32")
     mix = cfg.data.mix_config(cfg.seed)
-    loader = build_loader(cfg.data.loader, mix, world.rank, world.world_size)
+    loader = build_loader(cfg.data.loader, mix, world.rank, world.world_size, label_fraction=cfg.data.label_fraction)
     log = RunLog(out_dir, world.is_main, cfg.max_steps, plan.step if plan else 0)
     meta = {"config": to_dict(cfg), **identity, "world_size": world.world_size}
     checkpointer = checkpoint.Checkpointer(engine, out_dir, world, cfg.keep_checkpoints, meta,
