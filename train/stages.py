@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from loaders.batch import Batch
 from models.config import load_model_config
 from models.head import MorphologyModel, fractions as head_fractions
-from models.io import WEIGHTS_FILE, read_export_meta, save_export
+from models.io import BACKBONE_DIR, WEIGHTS_FILE, read_export_meta, save_backbone, save_export
 from models.lora import apply_lora, is_lora, merge_lora
 from models.losses import batch_loss, loss_count
 from models.sample_noise import per_sample_noise
@@ -78,16 +78,16 @@ def provenance(cfg: TrainConfig, step: int, val_results: dict | None = None) -> 
 
 def export(cfg: TrainConfig, schema: FeatureSchema, step: int, state_dict: dict[str, torch.Tensor], folder: Path,
            val_results: dict | None = None) -> Path:
-    """<folder> (safetensors + config + schema + provenance) from the consolidated fp32 weights of the run's model.
+    """<folder> (safetensors + config + schema + provenance, and backbone/) from the run's consolidated fp32 weights.
 
     The weights go into a freshly built fp32 model of the stage; LoRA adapters are merged there, in fp32.
     """
     model, _ = build(cfg, schema)
+    # The state dict has the stage's key names (peft's for LoRA): the backbone/ folder is written from this model.
+    model.load_state_dict(state_dict, strict=True)
     if is_lora(model):
-        # The state dict has peft's key names: load it into the LoRA model, then merge to plain weights.
-        model.load_state_dict(state_dict, strict=True)
         model, state_dict = merge_lora(model), None
-    return save_export(model, folder, state_dict=state_dict, metadata=provenance(cfg, step, val_results))
+    return _save(cfg, model, folder, step, state_dict, val_results)
 
 
 def initial_export(cfg: TrainConfig, schema: FeatureSchema, folder: Path) -> Path:
@@ -100,4 +100,16 @@ def initial_export(cfg: TrainConfig, schema: FeatureSchema, folder: Path) -> Pat
     model, _ = build(cfg, schema)
     if is_lora(model):
         model = merge_lora(model)
-    return save_export(model, folder, metadata=provenance(cfg, step=0))
+    return _save(cfg, model, folder, 0)
+
+
+def _save(cfg: TrainConfig, model: MorphologyModel, folder: Path, step: int,
+          state_dict: dict[str, torch.Tensor] | None = None, val_results: dict | None = None) -> Path:
+    """<folder>/backbone (plain transformers DINOv2 + its image processor), then the export that eval loads.
+
+    export.json is written last: a folder holding it is a finished export (the demo and requeued jobs skip it).
+    """
+    loader = cfg.data.loader
+    save_backbone(model.backbone, Path(folder) / BACKBONE_DIR, image_size=loader.image_size, mean=loader.mean,
+                  std=loader.std)
+    return save_export(model, folder, state_dict=state_dict, metadata=provenance(cfg, step, val_results))
