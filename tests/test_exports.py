@@ -125,8 +125,9 @@ def test_save_backbone_writes_fp32_of_a_bf16_backbone_and_refuses_adapters(tmp_p
     teacher = Dinov2Model(dinov2_config(load_model_config("tiny").backbone)).to(torch.bfloat16)
     save_backbone(teacher, tmp_path / "teacher", image_size=56, mean=MEAN, std=STD)
     loaded = Dinov2Model.from_pretrained(tmp_path / "teacher", local_files_only=True)
+    saved = loaded.state_dict()
     for name, tensor in teacher.state_dict().items():
-        assert loaded.state_dict()[name].dtype == torch.float32 and torch.equal(loaded.state_dict()[name], tensor.float())
+        assert saved[name].dtype == torch.float32 and torch.equal(saved[name], tensor.float()), name
     model = MorphologyModel(load_model_config("tiny"))
     apply_lora(model, LoraSettings())
     with pytest.raises(ValueError, match="merge_lora"):
