@@ -23,18 +23,25 @@ SAMPLE_OUTPUTS = [
     ("position", types.INT64, 1, ""),  # (epoch, batch index): checks the order at the other end
     ("num_skipped", types.INT32, 0, ""),
 ]
-# A plan's outputs, once per image made from the decoded sample (one, or one per multi-crop view).
-PLAN_OUTPUTS = [
+# A plan's outputs, once per image made from the decoded sample (one, or one per multi-crop view); the degradation's
+# only for images that may be degraded.
+DEGRADE_OUTPUTS = [
     ("degrade", types.BOOL, 0, ""),
     ("degrade_sigma", types.FLOAT, 0, ""),
     ("small_hw", types.FLOAT, 1, ""),
     ("down_matrix", types.FLOAT, 2, ""),
     ("noise", types.FLOAT, 3, "HWC"),  # (1, 1, 3) zeros where not degraded: only degraded samples use it
+]
+RESAMPLE_OUTPUTS = [
     ("prefilter", types.BOOL, 0, ""),
     ("prefilter_sigma", types.FLOAT, 0, ""),
+    ("windowed", types.BOOL, 0, ""),  # prefilter only the plan's window: a slice, matrix and roi shifted into it
+    ("window_start", types.INT32, 1, ""),  # (y, x)
+    ("window_shape", types.INT32, 1, ""),  # (height, width)
     ("matrix", types.FLOAT, 2, ""),
-    ("axis_aligned", types.BOOL, 0, ""),  # matrix is a positive scale + shift: fn.resize of a window
-    ("roi_start", types.FLOAT, 1, ""),  # (y, x) of that window in input pixels
+    ("axis_aligned", types.BOOL, 0, ""),  # matrix scales (or mirrors) each axis + shift: fn.resize of a window
+    ("transposed", types.BOOL, 0, ""),  # the same with the axes swapped (a right-angle turn): resize, transpose
+    ("roi_start", types.FLOAT, 1, ""),  # (y, x) of that window in input pixels (start > end mirrors an axis)
     ("roi_end", types.FLOAT, 1, ""),
     ("norm_mean", types.FLOAT, 1, ""),  # normalisation with brightness/contrast folded in, 0..255 units
     ("norm_std", types.FLOAT, 1, ""),
@@ -42,9 +49,14 @@ PLAN_OUTPUTS = [
 _NO_NOISE = np.zeros((1, 1, 3), np.float32)
 
 
-def source_outputs(num_images: int) -> list[tuple]:
+def plan_outputs(may_degrade: bool) -> list[tuple]:
+    return (DEGRADE_OUTPUTS if may_degrade else []) + RESAMPLE_OUTPUTS
+
+
+def source_outputs(may_degrade: list[bool]) -> list[tuple]:
     """The sample's outputs, then every image's plan outputs (named <output>_<image>)."""
-    return SAMPLE_OUTPUTS + [(f"{name}_{v}", *rest) for v in range(num_images) for name, *rest in PLAN_OUTPUTS]
+    return SAMPLE_OUTPUTS + [(f"{name}_{v}", *rest) for v, degrade in enumerate(may_degrade)
+                             for name, *rest in plan_outputs(degrade)]
 
 
 def pipeline_outputs(num_images: int) -> list[str]:
@@ -59,9 +71,9 @@ class DaliSource:
     """
 
     def __init__(self, source: BatchSource, first_epoch: int, first_batch: int, num_batches: int,
-                 mean: list[float], std: list[float], sizes: list[int]) -> None:
+                 mean: list[float], std: list[float], sizes: list[int], may_degrade: list[bool]) -> None:
         self.source, self.first_epoch, self.first_batch = source, first_epoch, first_batch
-        self.num_batches, self.sizes = num_batches, sizes
+        self.num_batches, self.sizes, self.may_degrade = num_batches, sizes, may_degrade
         self.mean = np.array([255.0 * m for m in mean], np.float32)  # crop_mirror_normalize works in 0..255
         self.std = np.array([255.0 * v for v in std], np.float32)
 
@@ -71,19 +83,24 @@ class DaliSource:
         if batch_index >= self.num_batches:
             raise StopIteration
         prepared = self.source.prepare(epoch, batch_index, self.source.batch_refs(epoch, batch_index))
-        return pack(prepared, epoch, self.source.key_length, self.sizes, self.mean, self.std)
+        return pack(prepared, epoch, self.source.key_length, self.sizes, self.may_degrade, self.mean, self.std)
 
 
 def _resize_windows(matrices: np.ndarray, out_size: int) -> dict[str, np.ndarray]:
-    """For matrices (N, 2, 3) without rotation, shear or flip, the input window fn.resize maps onto the output.
+    """For matrices (N, 2, 3) that scale, mirror or swap the axes (no free rotation or shear), the input window
+    fn.resize maps onto the output (to be transposed where the axes swap).
 
-    fn.resize samples the same points as warp_affine then (pixel centres, bilinear, clamped borders),
-    and DALI's CPU resize is about twice as fast as its CPU warp.
+    fn.resize samples the same points as warp_affine then (pixel centres, bilinear, clamped borders; a window whose
+    start lies beyond its end mirrors that axis), and DALI's CPU resize is about twice as fast as its CPU warp.
     """
-    aligned = (matrices[:, 0, 1] == 0) & (matrices[:, 1, 0] == 0) & (matrices[:, 0, 0] > 0) & (matrices[:, 1, 1] > 0)
+    aligned = (matrices[:, 0, 1] == 0) & (matrices[:, 1, 0] == 0)
+    transposed = (matrices[:, 0, 0] == 0) & (matrices[:, 1, 1] == 0) & ~aligned
     start = matrices[:, [1, 0], 2].astype(np.float32)
-    end = start + out_size * np.stack([matrices[:, 1, 1], matrices[:, 0, 0]], axis=1).astype(np.float32)
-    return {"axis_aligned": aligned, "roi_start": start, "roi_end": end}
+    # Output y walks input y (x) and output x walks input x (y) when aligned (transposed): the window's extents.
+    extent_y = np.where(transposed, matrices[:, 1, 0], matrices[:, 1, 1])
+    extent_x = np.where(transposed, matrices[:, 0, 1], matrices[:, 0, 0])
+    end = start + out_size * np.stack([extent_y, extent_x], axis=1).astype(np.float32)
+    return {"axis_aligned": aligned, "transposed": transposed, "roi_start": start, "roi_end": end}
 
 
 def _normalisation(brightness: np.ndarray, contrast: np.ndarray, mean: np.ndarray,
@@ -98,9 +115,9 @@ def _normalisation(brightness: np.ndarray, contrast: np.ndarray, mean: np.ndarra
     return {"norm_mean": ((mean - offset) / gain).astype(np.float32), "norm_std": (std / gain).astype(np.float32)}
 
 
-def pack(prepared: PreparedBatch, epoch: int, key_length: int, sizes: list[int], mean: np.ndarray,
-         std: np.ndarray) -> tuple[np.ndarray | list[np.ndarray], ...]:
-    """A PreparedBatch as external_source outputs, in source_outputs(len(sizes)) order.
+def pack(prepared: PreparedBatch, epoch: int, key_length: int, sizes: list[int], may_degrade: list[bool],
+         mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray | list[np.ndarray], ...]:
+    """A PreparedBatch as external_source outputs, in source_outputs(may_degrade) order.
 
     Fixed-shape outputs go as one (N, ...) array each, which DALI copies in one piece; a list of per-sample
     arrays costs a conversion per sample and output (most of the feeding time).
@@ -118,19 +135,24 @@ def pack(prepared: PreparedBatch, epoch: int, key_length: int, sizes: list[int],
     out = [columns[name] for name, *_ in SAMPLE_OUTPUTS]
     plan_sets = prepared.views if prepared.views is not None else [prepared.plans]
     assert len(plan_sets) == len(sizes), "one output size per image"
-    for plans, size in zip(plan_sets, sizes):
+    for plans, size, degrade in zip(plan_sets, sizes, may_degrade):
         plan_columns = _plan_columns(plans, size, mean, std)
-        out += [plan_columns[name] for name, *_ in PLAN_OUTPUTS]
+        out += [plan_columns[name] for name, *_ in plan_outputs(degrade)]
     # Dense arrays only: DALI refuses strided views, and astype/fancy indexing may keep one.
     return tuple(c if isinstance(c, list) else np.ascontiguousarray(c) for c in out)
 
 
 def _plan_columns(plans: list, out_size: int, mean: np.ndarray, std: np.ndarray) -> dict:
-    """One image's plans as PLAN_OUTPUTS columns."""
+    """One image's plans as DEGRADE_OUTPUTS + RESAMPLE_OUTPUTS columns."""
     n = len(plans)
     matrices = np.stack([p.matrix for p in plans]).astype(np.float32)
     prefilter_sigma = np.array([p.prefilter_sigma for p in plans], np.float32)
+    windows = np.array([p.window or (0, 0, 1, 1) for p in plans], np.int32).reshape(n, 4)
+    windowed = np.array([p.window is not None for p in plans], bool)
+    matrices[windowed, :, 2] -= windows[windowed, :2]  # into the window (x0, y0)
     return {
+        "windowed": windowed, "window_start": windows[:, [1, 0]],
+        "window_shape": windows[:, [3, 2]] - windows[:, [1, 0]],
         "degrade": np.array([p.degrade for p in plans], bool),
         "degrade_sigma": np.array([p.degrade_sigma for p in plans], np.float32),
         "small_hw": np.array([p.small_hw for p in plans], np.float32).reshape(n, 2),
@@ -142,20 +164,26 @@ def _plan_columns(plans: list, out_size: int, mean: np.ndarray, std: np.ndarray)
                          np.array([p.contrast for p in plans], np.float64), mean, std)}
 
 
-def _resample(images, s, out_size: int, is_uint8: bool):
-    """Resize or warp, then normalise: float CHW out of either branch, so that the branches merge after the
-    normalisation and a uint8 resize needs no cast pass (crop_mirror_normalize reads uint8 directly)."""
+def _resample(images, s, out_size: int):
+    """Resize (turned by a transpose where the axes swap) or warp, then normalise: float CHW out of every branch,
+    so that the branches merge after the normalisation; uint8 input needs no cast pass (the resize keeps uint8,
+    which crop_mirror_normalize reads directly; the warp reads uint8 and writes float)."""
     if s["prefilter"]:
+        if s["windowed"]:  # blur only what the warp reads (a small crop's window)
+            images = fn.slice(images, start=s["window_start"], shape=s["window_shape"], axis_names="HW")
         images = fn.gaussian_blur(images, sigma=s["prefilter_sigma"])
     if s["axis_aligned"]:
-        images = fn.resize(images, size=[out_size, out_size], roi_start=s["roi_start"], roi_end=s["roi_end"],
-                           roi_relative=False, antialias=False, interp_type=types.INTERP_LINEAR)
-        out = _normalise(images, s)
+        out = _normalise(_resize_window(images, s, out_size), s)
+    elif s["transposed"]:
+        out = _normalise(fn.transpose(_resize_window(images, s, out_size), perm=[1, 0, 2], transpose_layout=False), s)
     else:
-        if is_uint8:
-            images = fn.cast(images, dtype=types.FLOAT)
-        out = _normalise(fn.warp_affine(images, matrix=s["matrix"], size=[out_size, out_size]), s)
+        out = _normalise(fn.warp_affine(images, matrix=s["matrix"], size=[out_size, out_size], dtype=types.FLOAT), s)
     return out
+
+
+def _resize_window(images, s, out_size: int):
+    return fn.resize(images, size=[out_size, out_size], roi_start=s["roi_start"], roi_end=s["roi_end"],
+                     roi_relative=False, antialias=False, interp_type=types.INTERP_LINEAR)
 
 
 def _normalise(images, s):
@@ -165,34 +193,38 @@ def _normalise(images, s):
 
 
 @pipeline_def(enable_conditionals=True)
-def augment_pipeline(source: DaliSource, parallel: bool, prefetch: int, gpu: bool, sizes: tuple[int, ...]):
+def augment_pipeline(source: DaliSource, parallel: bool, prefetch: int, gpu: bool, sizes: tuple[int, ...],
+                     may_degrade: tuple[bool, ...]):
     """Decode once -> per image (one, or one per multi-crop view): [degrade] -> [antialias blur] -> warp or
     resize -> normalise with brightness/contrast folded in.
 
     Degraded samples work in float (the noise must not be rounded); the rest stay uint8 until the
     final normalisation, which is about 30% faster on DALI's CPU operators and rounds by at most half a level.
     """
-    outputs = source_outputs(len(sizes))
+    outputs = source_outputs(list(may_degrade))
     parallel_args = {"prefetch_queue_depth": prefetch} if parallel else {}
     s = dict(zip([name for name, *_ in outputs], fn.external_source(
         source, num_outputs=len(outputs), batch=True, batch_info=True, parallel=parallel,
         dtype=[o[1] for o in outputs], ndim=[o[2] for o in outputs], layout=[o[3] for o in outputs],
         **parallel_args)))
     decoded = fn.decoders.image(s["encoded"], device="mixed" if gpu else "cpu", output_type=types.RGB)
-    images = [_image(decoded, {name: s[f"{name}_{v}"] for name, *_ in PLAN_OUTPUTS}, size, gpu)
-              for v, size in enumerate(sizes)]
+    images = [_image(decoded, {name: s[f"{name}_{v}"] for name, *_ in plan_outputs(degrade)}, size, gpu, degrade)
+              for v, (size, degrade) in enumerate(zip(sizes, may_degrade))]
     return (*images, s["key"], s["ref"], s["position"], s["num_skipped"])
 
 
-def _image(images, s, out_size: int, gpu: bool):
-    """One plan's image from the decoded samples."""
+def _image(images, s, out_size: int, gpu: bool, may_degrade: bool):
+    """One plan's image from the decoded samples; without `may_degrade` (known when the pipeline is built) the
+    degradation branch is left out of the graph."""
+    if not may_degrade:
+        return _resample(images, s, out_size)
     if s["degrade"]:
         images = fn.gaussian_blur(fn.cast(images, dtype=types.FLOAT), sigma=s["degrade_sigma"])
         images = fn.warp_affine(images, matrix=s["down_matrix"], size=s["small_hw"])
         images = images + (s["noise"].gpu() if gpu else s["noise"])
-        images = _resample(images, s, out_size, is_uint8=False)
+        images = _resample(images, s, out_size)
     else:
-        images = _resample(images, s, out_size, is_uint8=True)
+        images = _resample(images, s, out_size)
     return images
 
 
@@ -227,8 +259,9 @@ class DaliBackend:
 
     def _start(self, epoch: int, first_batch: int) -> None:
         self.close()
+        augments = self.source.views.augments() if self.source.views.enabled else [self.source.augment]
         source = DaliSource(self.source, epoch, first_batch, self.num_batches, list(self.cfg.mean),
-                            list(self.cfg.std), self.source.sizes)
+                            list(self.cfg.std), self.source.sizes, [a.enabled and a.degrade_prob > 0 for a in augments])
         self._pipeline, self._iterator = _build(source, self.cfg, self.source.batch_size_per_rank)
         self._next = (epoch, first_batch)
 
@@ -256,7 +289,8 @@ def _build(source: DaliSource, cfg: LoaderConfig, batch_size: int):
     """(pipeline, iterator) of augment_pipeline over `source`, built."""
     gpu = cfg.device == "gpu"
     pipeline = augment_pipeline(
-        source, cfg.num_workers > 0, cfg.prefetch, gpu, tuple(source.sizes), batch_size=batch_size,
+        source, cfg.num_workers > 0, cfg.prefetch, gpu, tuple(source.sizes), tuple(source.may_degrade),
+        batch_size=batch_size,
         num_threads=cfg.num_threads, device_id=torch.cuda.current_device() if gpu else None,
         prefetch_queue_depth=cfg.prefetch, py_num_workers=max(cfg.num_workers, 1),
         # Forking a process that holds a CUDA context is unsupported: spawn once CUDA is up.
@@ -273,7 +307,8 @@ def iter_plain_batches(source, cfg: LoaderConfig) -> Iterator[tuple[int, torch.T
     The training pipeline with identity plans, so GPU decoding gives the pixels training saw. Images are
     cloned: DALI's iterator refills the same tensors on the next call.
     """
-    dali_source = DaliSource(source, 0, 0, source.num_batches, list(cfg.mean), list(cfg.std), [cfg.image_size])
+    dali_source = DaliSource(source, 0, 0, source.num_batches, list(cfg.mean), list(cfg.std), [cfg.image_size],
+                             [False])
     _, iterator = _build(dali_source, cfg, source.batch_size)
     for outputs in iterator:
         out = outputs[0]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from loaders.augment import AugmentConfig, draw_batch
+from loaders.augment import AugmentConfig, SampleDraw, apply_plan, draw_batch, gaussian_blur, make_plan, warp_affine
 from loaders.batch import Batch
 from loaders.loader import LoaderConfig, build_loader
 from loaders.sampler import MixConfig, global_order, rank_batch_indices
@@ -16,7 +16,7 @@ from sharding.config import from_dict
 
 MIX = MixConfig(ratios="sdss=0.34,decals=0.33,hst=0.33", global_batch_size=12, epoch_samples=24, seed=0)
 VIEWS = ViewsConfig(enabled=True, global_crops=CropSet(count=2, size=40, degrade_prob=(1.0, 0.0)),
-                    local_crops=LocalCrops(count=3, size=24))
+                    local_crops=LocalCrops(count=3, size=24, rotation_step_deg=90))  # resize paths in DALI
 
 
 def make_config(root, backend, **overrides) -> LoaderConfig:
@@ -62,12 +62,39 @@ def test_view_draws_depend_only_on_seed_epoch_batch_and_view():
     assert len(whole) == 5 and all(len(v) == 12 for v in whole)
     assert [v[6:] for v in whole] == draw_views(VIEWS, 0, 2, 5, 12, slice(6, 12))  # rank 1 of 2 slices them
     assert draw_views(VIEWS, 0, 2, 6, 12, slice(0, 12)) != whole
-    assert len({d.angle_deg for v in whole for d in v}) == 5 * 12  # every view draws its own numbers
+    assert len({d.crop_u for v in whole for d in v}) == 5 * 12  # every view draws its own numbers
     # Views have their own stream: not the single-image augmentation's draws.
     assert draw_batch(VIEWS.augments()[0], 0, 2, 5, 12, slice(0, 12)) != whole[0]
     plans = [plan_views(VIEWS, whole, i, (64, 64), "sdss") for i in range(12)]
     assert all(p[0].degrade and not p[1].degrade for p in plans)  # per-view probabilities 1.0 and 0.0
     assert [p.matrix.shape for p in plans[0]] == [(2, 3)] * 5
+
+
+def test_the_mix_of_views_exercises_every_resampling_path():
+    """The loader tests below compare backends on these views: they must hold DALI's resize, transposed resize,
+    warp, windowed prefilter and degradation paths."""
+    plans = [p for b in range(2) for draws in [draw_views(VIEWS, 0, 0, b, 12, slice(0, 12))]
+             for i in range(12) for p in plan_views(VIEWS, draws, i, (64, 64), "sdss")]
+    turns = [(p.matrix[0, 1] == 0, p.matrix[0, 0] == 0) for p in plans]
+    assert sum(a for a, _ in turns) and sum(t for _, t in turns) and sum(not (a or t) for a, t in turns)
+    assert sum(p.window is not None for p in plans) >= 3 and sum(p.degrade for p in plans) >= 10
+
+
+@pytest.mark.parametrize("resample_factor", [1.0, 1.5])
+def test_blurring_only_the_window_a_crop_reads_changes_no_pixel(resample_factor):
+    image = torch.rand(3, 96, 80) * 255
+    cfg = replace(LocalCrops(rotation_deg=30.0).augment(0), degrade_prob=1.0, noise_std=(0.0, 0.0))
+    checked = 0
+    for u in np.linspace(0.0, 1.0, 5):
+        draw = SampleDraw(angle_deg=17.0 + 40 * u, crop_scale=0.2, crop_u=u, crop_v=1 - u, degrade_u=0.0,
+                          psf_sigma_px=0.5, resample_factor=resample_factor)
+        plan = make_plan(cfg, draw, (96, 80), 16, "sdss")
+        assert plan.window is not None and plan.prefilter_sigma > 0
+        small = warp_affine(gaussian_blur(image, plan.degrade_sigma), plan.down_matrix, plan.small_hw)
+        whole = warp_affine(gaussian_blur(small, plan.prefilter_sigma), plan.matrix, (16, 16))
+        torch.testing.assert_close(apply_plan(image, plan, 16), whole, rtol=0, atol=2e-3)
+        checked += 1
+    assert checked == 5
 
 
 def test_both_backends_give_the_same_views(shard_root):
@@ -139,3 +166,14 @@ def test_augment_draws_unchanged_by_the_stream_argument():
     cfg = AugmentConfig(enabled=True)
     assert draw_batch(cfg, 0, 1, 2, 8, slice(0, 8)) == draw_batch(cfg, 0, 1, 2, 8, slice(0, 8), stream=(0x6175676D,))
     assert np.isfinite([d.angle_deg for d in draw_batch(cfg, 0, 1, 2, 8, slice(0, 8))]).all()
+
+
+@pytest.mark.gpu
+def test_dali_gpu_views_match_cpu(shard_root):
+    pytest.importorskip("nvidia.dali", reason="DALI (the gpu extra) is not installed")
+    cpu_cfg = make_config(shard_root, "dali")
+    cpu, gpu = run(cpu_cfg), run(replace(cpu_cfg, device="gpu"))
+    for a, b in zip(cpu, gpu):
+        assert a.keys == b.keys and all(v.is_cuda for v in b.views) and b.images is b.views[0]
+        for va, vb in zip(a.views, b.views):
+            assert (to_pixels(va, cpu_cfg) - to_pixels(vb.cpu(), cpu_cfg)).abs().mean() < 1.0
