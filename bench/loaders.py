@@ -1,4 +1,5 @@
-"""Benchmark: loader img/s at 224 px: our DALI and torch backends vs plain webdataset + PIL and DALI's own reader."""
+"""Benchmark: loader img/s at 224 px: our DALI and torch backends vs plain webdataset + PIL and DALI's own reader;
+with --views, multi-crop views (bench/multicrop.py) against peers making the same crops."""
 
 from __future__ import annotations
 
@@ -137,8 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", help="comma-separated words: run the cases whose name has one of them, and their "
                                         "peers (e.g. torch, DALI)")
-    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "loaders.json")
+    parser.add_argument("--views", action="store_true",
+                        help="multi-crop views (2 x 224 + 8 x 96 px) of each backend against a peer making the same "
+                             "crops with as many workers (bench/multicrop.py)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the torch cases (--views)")
+    parser.add_argument("--json", type=Path, help="default: bench/results/loaders.json (loaders_views.json with "
+                                                  "--views)")
     args = parser.parse_args(argv)
+    args.json = args.json or REPO / "bench" / "results" / ("loaders_views.json" if args.views else "loaders.json")
     work = None
     shards = args.shards
     if shards is None:
@@ -158,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
               "webdataset + PIL DataLoader, 2 workers"),
              ("ours: torch backend, aug on, 2 workers", lambda: ours(shards, "torch", 2, True, args.batch, "cpu"),
               "webdataset + PIL DataLoader, 2 workers")]
-    if device == "gpu":
+    if args.views:
+        from bench import multicrop
+        cases = multicrop.cases(shards, args.batch, args.workers)
+    elif device == "gpu":
         cases += [("DALI reader, mixed decode", lambda: dali_reader(shards, args.batch, "gpu"), None),
                   ("ours: DALI backend mixed, aug on", lambda: ours(shards, "dali", 4, True, args.batch, "gpu"),
                    "DALI reader, mixed decode")]
@@ -177,15 +187,16 @@ def main(argv: list[str] | None = None) -> int:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
     by_case = {r["case"]: r for r in rows}
-    print(f"\nloader throughput, 256 px JPEG -> 224 px, batch {args.batch}, {os.cpu_count()} CPUs, "
+    what = "2 x 224 + 8 x 96 px views (steady state)" if args.views else "224 px"
+    print(f"\nloader throughput, 256 px JPEG -> {what}, batch {args.batch}, {os.cpu_count()} CPUs, "
           f"{platform.machine()}, best of {args.repeats}")
-    print(f"{'case':<42}{'images':>8}{'img/s':>9}{'vs plain':>10}{'vs fair peer':>14}")
+    print(f"{'case':<50}{'images':>8}{'img/s':>9}{'vs first' if args.views else 'vs plain':>10}{'vs fair peer':>14}")
     for r in rows:
         r["vs_plain"] = r["img_per_s"] / rows[0]["img_per_s"]
         r["vs_peer"] = r["img_per_s"] / by_case[r["peer"]]["img_per_s"] if r["peer"] else None
         peer = f"{r['vs_peer']:>13.2f}x" if r["vs_peer"] else f"{'':>14}"
-        print(f"{r['case']:<42}{r['images']:>8}{r['img_per_s']:>9.1f}{r['vs_plain']:>9.2f}x{peer}")
-    write_report(args.json, "loaders", rows, batch=args.batch, device=device)
+        print(f"{r['case']:<50}{r['images']:>8}{r['img_per_s']:>9.1f}{r['vs_plain']:>9.2f}x{peer}")
+    write_report(args.json, "loaders_views" if args.views else "loaders", rows, batch=args.batch, device=device)
     return 0
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from loaders.warp import Turn, apply_turn, gaussian_blur, warp_affine, whole_image_turn  # noqa: F401 - re-exported
 
 CONTRAST_CENTER = 128.0
 """Pixel level (0..255) that contrast jitter leaves unchanged: mid-grey, DALI's default for 8-bit data."""
@@ -162,9 +162,10 @@ class SamplePlan:
     contrast: float
     src_hw: tuple[int, int] = (0, 0)
     """(height, width) of the decoded image the plan was made for."""
-    window: tuple[int, int, int, int] | None = None
-    """(x0, y0, x1, y1): with a prefilter, the part of the (degraded) image that it and the final warp need, when
-    well below the whole image (a small crop); a backend may blur only that part, `matrix` shifted by (x0, y0)."""
+    crop: tuple[int, int, int, int] | None = None
+    """(x0, y0, x1, y1): the part of the decoded image the plan reads, to be cut out before anything else (its
+    matrices are relative to it), when a degradation or prefilter blur would otherwise run on far more of the image
+    than a small crop (a multi-crop local view) reads. None: the whole image."""
 
 
 def make_plan(cfg: AugmentConfig, draw: SampleDraw, src_hw: tuple[int, int], out_size: int,
@@ -172,23 +173,55 @@ def make_plan(cfg: AugmentConfig, draw: SampleDraw, src_hw: tuple[int, int], out
     """Turn one position's draws into operations for an image of `src_hw` (height, width) pixels."""
     h, w = src_hw
     matrix = _crop_matrix(cfg, draw, h, w, out_size) if cfg.enabled else _scale_matrix(w / out_size, h / out_size)
-    degrade = (cfg.enabled and draw.degrade_u < cfg.degrade_prob
-               and (not cfg.degrade_surveys or survey in cfg.degrade_surveys))
-    small_hw, down, noise, degrade_sigma = (h, w), _scale_matrix(1.0, 1.0), None, 0.0
-    if degrade:
-        small_hw = (max(1, round(h / draw.resample_factor)), max(1, round(w / draw.resample_factor)))
-        down = _scale_matrix(w / small_hw[1], h / small_hw[0])
-        # One blur does both the extra PSF and the antialiasing of the coarser grid (variances add).
-        degrade_sigma = math.hypot(draw.psf_sigma_px, antialias_sigma(max(w / small_hw[1], h / small_hw[0])))
-        noise_rng = np.random.default_rng([draw.noise_seed, AUGMENT_STREAM])
-        noise = (noise_rng.standard_normal((*small_hw, 3), dtype=np.float32) * np.float32(draw.noise_std))
-        matrix = _scale_matrix(small_hw[1] / w, small_hw[0] / h) @ np.vstack([matrix, [0, 0, 1]])
+    common = {"brightness": draw.brightness, "contrast": draw.contrast, "src_hw": (h, w)}
+    if (cfg.enabled and draw.degrade_u < cfg.degrade_prob
+            and (not cfg.degrade_surveys or survey in cfg.degrade_surveys)):
+        return _degraded_plan(draw, matrix, (h, w), out_size, common)
     prefilter_sigma = antialias_sigma(_spectral_norm(matrix[:, :2]))  # of input pixels per output pixel
-    window = read_window(matrix, out_size, small_hw, math.ceil(3 * prefilter_sigma) + 2) if prefilter_sigma else None
-    return SamplePlan(degrade=degrade, degrade_sigma=max(degrade_sigma, MIN_SIGMA), small_hw=small_hw,
-                      down_matrix=down.astype(np.float32), noise=noise, prefilter_sigma=prefilter_sigma,
-                      matrix=matrix.astype(np.float32), brightness=draw.brightness, contrast=draw.contrast,
-                      src_hw=(h, w), window=window)
+    crop = read_window(matrix, out_size, (h, w), blur_margin(prefilter_sigma)) if prefilter_sigma else None
+    return SamplePlan(degrade=False, degrade_sigma=MIN_SIGMA, small_hw=(h, w),
+                      down_matrix=_scale_matrix(1.0, 1.0).astype(np.float32), noise=None,
+                      prefilter_sigma=prefilter_sigma, matrix=_shifted(matrix, crop), crop=crop, **common)
+
+
+def _degraded_plan(draw: SampleDraw, matrix: np.ndarray, src_hw: tuple[int, int], out_size: int,
+                   common: dict) -> SamplePlan:
+    """Degradation: the coarser grid (of the whole image, or of the window of it the output reads), its noise, and
+    the source pixels it needs."""
+    h, w = src_hw
+    grid_hw = (max(1, round(h / draw.resample_factor)), max(1, round(w / draw.resample_factor)))
+    sx, sy = w / grid_hw[1], h / grid_hw[0]  # source pixels per coarse pixel
+    # One blur does both the extra PSF and the antialiasing of the coarser grid (variances add).
+    degrade_sigma = max(math.hypot(draw.psf_sigma_px, antialias_sigma(max(sx, sy))), MIN_SIGMA)
+    matrix = _scale_matrix(1 / sx, 1 / sy) @ np.vstack([matrix, [0, 0, 1]])  # output -> coarse grid
+    prefilter_sigma = antialias_sigma(_spectral_norm(matrix[:, :2]))
+    window = read_window(matrix, out_size, grid_hw, blur_margin(prefilter_sigma))
+    crop, small_hw, down = None, grid_hw, _scale_matrix(sx, sy)
+    if window is not None:  # the coarse window only, made from the source pixels its samples blur
+        x0, y0, x1, y1 = window
+        margin = blur_margin(degrade_sigma)
+        crop = (max(0, math.floor(sx * x0) - margin), max(0, math.floor(sy * y0) - margin),
+                min(w, math.ceil(sx * x1) + margin), min(h, math.ceil(sy * y1) + margin))
+        small_hw = (y1 - y0, x1 - x0)
+        down = np.array([[sx, 0.0, sx * x0 - crop[0]], [0.0, sy, sy * y0 - crop[1]]])
+    noise_rng = np.random.default_rng([draw.noise_seed, AUGMENT_STREAM])
+    noise = noise_rng.standard_normal((*small_hw, 3), dtype=np.float32) * np.float32(draw.noise_std)
+    return SamplePlan(degrade=True, degrade_sigma=degrade_sigma, small_hw=small_hw, down_matrix=down.astype(np.float32),
+                      noise=noise, prefilter_sigma=prefilter_sigma, matrix=_shifted(matrix, window), crop=crop,
+                      **common)
+
+
+def blur_margin(sigma: float) -> int:
+    """Pixels around what a bilinear warp reads that keep a Gaussian blur of `sigma` exact there (radius + 2)."""
+    return math.ceil(3 * sigma) + 2
+
+
+def _shifted(matrix: np.ndarray, window: tuple[int, int, int, int] | None) -> np.ndarray:
+    """A float32 matrix into `window` (x0, y0, ...) of its image rather than the whole image."""
+    out = np.array(matrix, np.float32)
+    if window is not None:
+        out[:, 2] -= (window[0], window[1])
+    return out
 
 
 def read_window(matrix: np.ndarray, out_size: int, src_hw: tuple[int, int],
@@ -266,24 +299,16 @@ def _cos_sin(angle_deg: float) -> tuple[float, float]:
 
 def apply_plan(image: torch.Tensor, plan: SamplePlan, out_size: int) -> torch.Tensor:
     """Run a plan on one (3, H, W) float32 image; returns (3, out_size, out_size)."""
+    if plan.crop is not None:
+        x0, y0, x1, y1 = plan.crop
+        image = image[:, y0:y1, x0:x1]
     if plan.degrade:
         image = gaussian_blur(image, plan.degrade_sigma)
         image = warp_affine(image, plan.down_matrix, plan.small_hw)
         image = image + torch.from_numpy(plan.noise).permute(2, 0, 1)
-    matrix = plan.matrix
     if plan.prefilter_sigma > 0:
-        if plan.window is not None:
-            image, matrix = _in_window(image, matrix, plan.window)
         image = gaussian_blur(image, plan.prefilter_sigma)
-    return adjust(warp_affine(image, matrix, (out_size, out_size)), plan)
-
-
-def _in_window(image: torch.Tensor, matrix: np.ndarray,
-               window: tuple[int, int, int, int]) -> tuple[torch.Tensor, np.ndarray]:
-    x0, y0, x1, y1 = window
-    shifted = np.array(matrix, np.float32)
-    shifted[:, 2] -= (x0, y0)
-    return image[:, y0:y1, x0:x1], shifted
+    return adjust(warp_affine(image, plan.matrix, (out_size, out_size)), plan)
 
 
 def adjust(image: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
@@ -293,10 +318,6 @@ def adjust(image: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
     return image
 
 
-Turn = tuple[bool, list[int]]
-"""(transpose, dims to flip): a right-angle turn and/or mirror of a (C, S, S) image."""
-
-
 def plain_turn(plan: SamplePlan, out_size: int) -> Turn | None:
     """The turn with apply_plan(image) == adjust(apply_turn(plain, turn)), where plain is the unaugmented resize;
     None unless the plan's warp is that resize turned by a right angle or mirrored (no crop, no degradation).
@@ -304,93 +325,6 @@ def plain_turn(plan: SamplePlan, out_size: int) -> Turn | None:
     Such a warp samples the image where the plain resize does, only in another order, so a loader may reuse
     one resized image for all eight of them.
     """
-    return None if plan.degrade else _whole_image_turn(plan.matrix, plan.src_hw, (out_size, out_size))
+    return None if plan.degrade else whole_image_turn(plan.matrix, plan.src_hw, (out_size, out_size))
 
 
-def apply_turn(image: torch.Tensor, turn: Turn) -> torch.Tensor:
-    transpose, flips = turn
-    image = image.transpose(1, 2) if transpose else image
-    return image.flip(flips) if flips else image
-
-
-def _whole_image_turn(matrix: np.ndarray, src_hw: tuple[int, int], out_hw: tuple[int, int]) -> Turn | None:
-    """The turn of the plain resize that `matrix` (output -> input pixels) samples, when it maps the output onto
-    the whole (h, w) image turned by a right angle and/or mirrored; else None."""
-    (a, b, c), (d, e, f) = np.asarray(matrix, dtype=np.float64).tolist()
-    (h, w), (out_h, out_w) = src_hw, out_hw
-    tol = 1e-5 * max(w, h)  # plans hold float32 matrices: sampling points within 1e-5 px of the warp's
-    transpose = bool(abs(a) <= tol and abs(e) <= tol)
-    if transpose:  # output x walks the input's rows, output y its columns: a square output's transpose
-        a, b, c, d, e, f = b, a, c, e, d, f
-        if out_h != out_w:
-            return None
-    # Now a scales x to input columns and e scales y to input rows; a mirrored axis starts at the far edge.
-    if abs(b) > tol or abs(d) > tol or abs(abs(a) - w / out_w) > 1e-6 * w / out_w \
-            or abs(abs(e) - h / out_h) > 1e-6 * h / out_h:
-        return None
-    if abs(c - (w if a < 0 else 0.0)) > tol or abs(f - (h if e < 0 else 0.0)) > tol:
-        return None
-    return transpose, [dim for dim, flipped in ((2, e < 0 if transpose else a < 0),
-                                                (1, a < 0 if transpose else e < 0)) if flipped]
-
-
-def warp_affine(image: torch.Tensor, matrix: np.ndarray, out_hw: tuple[int, int]) -> torch.Tensor:
-    """Bilinear warp with clamped borders, as DALI's fn.warp_affine without fill_value."""
-    _, h, w = image.shape
-    turn = _whole_image_turn(matrix, (h, w), out_hw)
-    if turn is not None:
-        # The whole image scaled, turned or mirrored: F.interpolate samples the same points as the warp (pixel
-        # centres, clamped borders) 2x faster than grid_sample, and the turn only reorders them.
-        return apply_turn(F.interpolate(image[None], size=out_hw, mode="bilinear", align_corners=False)[0], turn)
-    # The matrix in grid_sample's normalised coordinates (align_corners=False puts -1 and 1 on the outer pixel edges,
-    # DALI's convention, at both ends): source = p x + q y + r with x = (xn + 1) out_w / 2 and y = (yn + 1) out_h / 2,
-    # divided by the size. Written as a row term plus a column term per coordinate: 5x faster on CPU than
-    # F.affine_grid's matrix product; float32 keeps the sampling points within 1e-4 px.
-    out_h, out_w = out_hw
-    xn, yn = _normalised_centres(out_h, out_w)
-    grid = torch.empty(1, out_h, out_w, 2)
-    for k, ((p, q, r), size) in enumerate(zip(np.asarray(matrix, dtype=np.float64).tolist(), (w, h))):
-        row = xn * (p * out_w / size)
-        column = yn * (q * out_h / size) + ((p * out_w + q * out_h + 2 * r) / size - 1)
-        torch.add(row[None, :], column[:, None], out=grid[0, :, :, k])
-    return F.grid_sample(image[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
-
-
-@functools.lru_cache(maxsize=16)
-def _normalised_centres(out_h: int, out_w: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output pixel centres in grid_sample's [-1, 1] coordinates (align_corners=False): x, then y."""
-    return ((torch.arange(out_w, dtype=torch.float64) * 2 + 1) / out_w - 1).float(), \
-        ((torch.arange(out_h, dtype=torch.float64) * 2 + 1) / out_h - 1).float()
-
-
-def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with DALI's kernel (radius ceil(3 sigma)) and reflect-101 borders."""
-    radius = math.ceil(3 * sigma)
-    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    weights = torch.exp(-0.5 * (taps / sigma) ** 2)
-    kernel = (weights / weights.sum()).tolist()
-    _, h, w = image.shape
-    # Each 1-D pass is a weighted sum of shifted views of a padded copy: on CPU 2-7x faster than conv2d with a
-    # 1-D kernel, and torch's "reflect" padding (reflect-101) is 3x faster than gathering by index.
-    if radius < min(h, w):
-        padded = F.pad(image[None], (radius, radius, radius, radius), mode="reflect")[0]
-    else:  # the kernel is wider than the image: reflect more than once
-        padded = image.index_select(1, _reflect101(torch.arange(-radius, h + radius), h))
-        padded = padded.index_select(2, _reflect101(torch.arange(-radius, w + radius), w))
-    rows = _weighted_shifts(padded, kernel, dim=1, size=h)
-    return _weighted_shifts(rows, kernel, dim=2, size=w)
-
-
-def _weighted_shifts(padded: torch.Tensor, kernel: list[float], dim: int, size: int) -> torch.Tensor:
-    out = padded.narrow(dim, 0, size) * kernel[0]
-    for offset in range(1, len(kernel)):
-        out.add_(padded.narrow(dim, offset, size), alpha=kernel[offset])
-    return out
-
-
-def _reflect101(index: torch.Tensor, size: int) -> torch.Tensor:
-    if size == 1:
-        return torch.zeros_like(index)
-    period = 2 * (size - 1)
-    index = torch.remainder(index, period)
-    return torch.where(index >= size, period - index, index)

@@ -25,6 +25,11 @@ SAMPLE_OUTPUTS = [
 ]
 # A plan's outputs, once per image made from the decoded sample (one, or one per multi-crop view); the degradation's
 # only for images that may be degraded.
+CROP_OUTPUTS = [
+    ("cropped", types.BOOL, 0, ""),  # SamplePlan.crop: cut the part of the decoded image the plan reads, first
+    ("crop_start", types.INT32, 1, ""),  # (y, x)
+    ("crop_shape", types.INT32, 1, ""),  # (height, width)
+]
 DEGRADE_OUTPUTS = [
     ("degrade", types.BOOL, 0, ""),
     ("degrade_sigma", types.FLOAT, 0, ""),
@@ -35,9 +40,6 @@ DEGRADE_OUTPUTS = [
 RESAMPLE_OUTPUTS = [
     ("prefilter", types.BOOL, 0, ""),
     ("prefilter_sigma", types.FLOAT, 0, ""),
-    ("windowed", types.BOOL, 0, ""),  # prefilter only the plan's window: a slice, matrix and roi shifted into it
-    ("window_start", types.INT32, 1, ""),  # (y, x)
-    ("window_shape", types.INT32, 1, ""),  # (height, width)
     ("matrix", types.FLOAT, 2, ""),
     ("axis_aligned", types.BOOL, 0, ""),  # matrix scales (or mirrors) each axis + shift: fn.resize of a window
     ("transposed", types.BOOL, 0, ""),  # the same with the axes swapped (a right-angle turn): resize, transpose
@@ -50,7 +52,7 @@ _NO_NOISE = np.zeros((1, 1, 3), np.float32)
 
 
 def plan_outputs(may_degrade: bool) -> list[tuple]:
-    return (DEGRADE_OUTPUTS if may_degrade else []) + RESAMPLE_OUTPUTS
+    return CROP_OUTPUTS + (DEGRADE_OUTPUTS if may_degrade else []) + RESAMPLE_OUTPUTS
 
 
 def source_outputs(may_degrade: list[bool]) -> list[tuple]:
@@ -143,16 +145,14 @@ def pack(prepared: PreparedBatch, epoch: int, key_length: int, sizes: list[int],
 
 
 def _plan_columns(plans: list, out_size: int, mean: np.ndarray, std: np.ndarray) -> dict:
-    """One image's plans as DEGRADE_OUTPUTS + RESAMPLE_OUTPUTS columns."""
+    """One image's plans as CROP_OUTPUTS + DEGRADE_OUTPUTS + RESAMPLE_OUTPUTS columns."""
     n = len(plans)
     matrices = np.stack([p.matrix for p in plans]).astype(np.float32)
     prefilter_sigma = np.array([p.prefilter_sigma for p in plans], np.float32)
-    windows = np.array([p.window or (0, 0, 1, 1) for p in plans], np.int32).reshape(n, 4)
-    windowed = np.array([p.window is not None for p in plans], bool)
-    matrices[windowed, :, 2] -= windows[windowed, :2]  # into the window (x0, y0)
+    crops = np.array([p.crop or (0, 0, 1, 1) for p in plans], np.int32).reshape(n, 4)
     return {
-        "windowed": windowed, "window_start": windows[:, [1, 0]],
-        "window_shape": windows[:, [3, 2]] - windows[:, [1, 0]],
+        "cropped": np.array([p.crop is not None for p in plans], bool), "crop_start": crops[:, [1, 0]],
+        "crop_shape": crops[:, [3, 2]] - crops[:, [1, 0]],
         "degrade": np.array([p.degrade for p in plans], bool),
         "degrade_sigma": np.array([p.degrade_sigma for p in plans], np.float32),
         "small_hw": np.array([p.small_hw for p in plans], np.float32).reshape(n, 2),
@@ -169,8 +169,6 @@ def _resample(images, s, out_size: int):
     so that the branches merge after the normalisation; uint8 input needs no cast pass (the resize keeps uint8,
     which crop_mirror_normalize reads directly; the warp reads uint8 and writes float)."""
     if s["prefilter"]:
-        if s["windowed"]:  # blur only what the warp reads (a small crop's window)
-            images = fn.slice(images, start=s["window_start"], shape=s["window_shape"], axis_names="HW")
         images = fn.gaussian_blur(images, sigma=s["prefilter_sigma"])
     if s["axis_aligned"]:
         out = _normalise(_resize_window(images, s, out_size), s)
@@ -216,6 +214,8 @@ def augment_pipeline(source: DaliSource, parallel: bool, prefetch: int, gpu: boo
 def _image(images, s, out_size: int, gpu: bool, may_degrade: bool):
     """One plan's image from the decoded samples; without `may_degrade` (known when the pipeline is built) the
     degradation branch is left out of the graph."""
+    if s["cropped"]:  # blur and degrade only the part a small crop reads
+        images = fn.slice(images, start=s["crop_start"], shape=s["crop_shape"], axis_names="HW")
     if not may_degrade:
         return _resample(images, s, out_size)
     if s["degrade"]:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from loaders.augment import AugmentConfig, SampleDraw, apply_plan, draw_batch, gaussian_blur, make_plan, warp_affine
+from loaders import augment
+from loaders.augment import AugmentConfig, SampleDraw, apply_plan, draw_batch, make_plan
 from loaders.batch import Batch
 from loaders.loader import LoaderConfig, build_loader
 from loaders.sampler import MixConfig, global_order, rank_batch_indices
@@ -72,29 +73,29 @@ def test_view_draws_depend_only_on_seed_epoch_batch_and_view():
 
 def test_the_mix_of_views_exercises_every_resampling_path():
     """The loader tests below compare backends on these views: they must hold DALI's resize, transposed resize,
-    warp, windowed prefilter and degradation paths."""
+    warp, cropped prefilter and cropped degradation paths."""
     plans = [p for b in range(2) for draws in [draw_views(VIEWS, 0, 0, b, 12, slice(0, 12))]
              for i in range(12) for p in plan_views(VIEWS, draws, i, (64, 64), "sdss")]
     turns = [(p.matrix[0, 1] == 0, p.matrix[0, 0] == 0) for p in plans]
     assert sum(a for a, _ in turns) and sum(t for _, t in turns) and sum(not (a or t) for a, t in turns)
-    assert sum(p.window is not None for p in plans) >= 3 and sum(p.degrade for p in plans) >= 10
+    assert sum(p.crop is not None and p.prefilter_sigma > 0 and not p.degrade for p in plans) >= 3
+    assert sum(p.crop is not None and p.degrade for p in plans) >= 3 and sum(p.degrade for p in plans) >= 10
 
 
-@pytest.mark.parametrize("resample_factor", [1.0, 1.5])
-def test_blurring_only_the_window_a_crop_reads_changes_no_pixel(resample_factor):
+@pytest.mark.parametrize("degrade_prob,resample_factor", [(0.0, 1.0), (1.0, 1.0), (1.0, 1.5)])
+def test_blurring_and_degrading_only_the_part_a_crop_reads_changes_no_pixel(monkeypatch, degrade_prob,
+                                                                          resample_factor):
     image = torch.rand(3, 96, 80) * 255
-    cfg = replace(LocalCrops(rotation_deg=30.0).augment(0), degrade_prob=1.0, noise_std=(0.0, 0.0))
-    checked = 0
-    for u in np.linspace(0.0, 1.0, 5):
-        draw = SampleDraw(angle_deg=17.0 + 40 * u, crop_scale=0.2, crop_u=u, crop_v=1 - u, degrade_u=0.0,
-                          psf_sigma_px=0.5, resample_factor=resample_factor)
-        plan = make_plan(cfg, draw, (96, 80), 16, "sdss")
-        assert plan.window is not None and plan.prefilter_sigma > 0
-        small = warp_affine(gaussian_blur(image, plan.degrade_sigma), plan.down_matrix, plan.small_hw)
-        whole = warp_affine(gaussian_blur(small, plan.prefilter_sigma), plan.matrix, (16, 16))
-        torch.testing.assert_close(apply_plan(image, plan, 16), whole, rtol=0, atol=2e-3)
-        checked += 1
-    assert checked == 5
+    cfg = replace(LocalCrops(rotation_deg=30.0).augment(0), degrade_prob=degrade_prob, noise_std=(0.0, 0.0))
+    draws = [SampleDraw(angle_deg=17.0 + 40 * u, crop_scale=0.2, crop_u=u, crop_v=1 - u, degrade_u=0.0,
+                        psf_sigma_px=0.5, resample_factor=resample_factor) for u in np.linspace(0.0, 1.0, 5)]
+    cropped = [make_plan(cfg, draw, (96, 80), 16, "sdss") for draw in draws]
+    monkeypatch.setattr(augment, "read_window", lambda *args: None)  # the same plans on the whole image
+    whole = [make_plan(cfg, draw, (96, 80), 16, "sdss") for draw in draws]
+    for a, b in zip(cropped, whole):
+        assert a.crop is not None and b.crop is None and a.degrade == b.degrade == (degrade_prob == 1.0)
+        assert a.prefilter_sigma == b.prefilter_sigma > 0
+        torch.testing.assert_close(apply_plan(image, a, 16), apply_plan(image, b, 16), rtol=0, atol=2e-3)
 
 
 def test_both_backends_give_the_same_views(shard_root):
