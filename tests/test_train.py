@@ -18,7 +18,7 @@ from train_cases import (REPO, TINY, _command, _env, _events, _kill_after_checkp
 def test_every_train_config_loads_and_unknown_keys_fail():
     for path in sorted((CONFIG_ROOT / "train").glob("*.yaml")):
         cfg = load_train_config(path)
-        assert cfg.stage in ("head", "full", "lora"), path
+        assert cfg.stage in ("head", "full", "lora", "ssl"), path
     with pytest.raises(ValueError, match="unknown key"):
         load_train_config(TINY, ["optim.learning_rate=1"])
     with pytest.raises(ValueError, match="zero_stage"):
@@ -224,6 +224,7 @@ def test_train_step_does_not_synchronise_the_host(monkeypatch):
     from models.head import MorphologyModel
     from sharding.schema import load_schema
     from train import loop
+    from train.objective import SupervisedObjective
     from train.world import World
 
     model = MorphologyModel(load_model_config("tiny"), load_schema())
@@ -234,7 +235,9 @@ def test_train_step_does_not_synchronise_the_host(monkeypatch):
     stats = None
     if hasattr(loop, "StepStats"):
         stats = loop.StepStats(torch.device("cpu"), 0, 1, ["sdss", "hst"])
-    run = SimpleNamespace(cfg=cfg, world=World(), engine=engine, step=0, stats=stats)
+    objective = SupervisedObjective(cfg, World(), load_schema(), model, 2)
+    objective.attach(engine, print, print)
+    run = SimpleNamespace(cfg=cfg, world=World(), engine=engine, step=0, stats=stats, objective=objective)
     n = 4
     batch = Batch(torch.randn(n, 3, 56, 56), torch.rand(n, 26), torch.ones(n, 26, dtype=torch.bool),
                   torch.ones(n, 26), torch.full((n, 9), 26.0), torch.tensor([0, 1, 0, 1]), list("abcd"))

@@ -8,6 +8,9 @@ from typing import Literal
 
 from loaders.loader import LoaderConfig
 from models.config import LoraSettings
+from models.ssl_continued import ContinuedPretraining
+from models.ssl_heads import DINOHeadConfig
+from models.ssl_masks import MaskConfig
 from loaders.sampler import MixConfig
 from sharding.config import config_file, from_dict, merge, parse_overrides, read_yaml
 
@@ -53,11 +56,55 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class SSLConfig:
+    """Stage `ssl` (DINO + iBOT + KoLeo, train/ssl_stage.py). Defaults are DINOv2's
+    (dinov2/configs/ssl_default_config.yaml); fractions stand for its epochs of a 100-epoch run.
+    configs/train/ssl*.yaml say what they scale and why."""
+    dino_head: DINOHeadConfig = field(default_factory=DINOHeadConfig)
+    ibot_separate_head: bool = False  # DINOv2's default shares the DINO head
+    ibot_head: DINOHeadConfig = field(default_factory=DINOHeadConfig)  # used when separate
+    dino_loss_weight: float = 1.0
+    ibot_loss_weight: float = 1.0
+    koleo_loss_weight: float = 0.1
+    # KoLeo's nearest neighbours are sought within fixed groups of the global batch (DINOv2: a GPU's batch of 64),
+    # so the loss does not change with the world size; every rank's micro-batch must be a multiple of it.
+    koleo_group_size: int = 64
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    teacher_temp_warmup_fraction: float = 0.3  # DINOv2: 30 of 100 epochs
+    centering: Literal["centering", "sinkhorn_knopp", "none"] = "centering"  # none: only as a negative control
+    centre_momentum: float = 0.9
+    sinkhorn_iterations: int = 3
+    momentum_teacher: float = 0.992  # cosine to final_momentum_teacher over max_steps
+    final_momentum_teacher: float = 1.0
+    weight_decay_end: float = 0.4  # cosine from optim.weight_decay (DINOv2: 0.04)
+    freeze_last_layer_fraction: float = 0.01  # DINOv2: 1 of 100 epochs
+    patch_embed_lr_mult: float = 0.2  # layer-wise decay: optim.layer_decay (DINOv2: 0.9)
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    monitor_every: int = 500  # steps between kNN probes of the teacher on the labelled val splits
+    knn_k: int = 20
+    continued: ContinuedPretraining = field(default_factory=ContinuedPretraining)
+
+    def __post_init__(self):
+        if min(self.student_temp, self.teacher_temp, self.warmup_teacher_temp) <= 0:
+            raise ValueError("ssl temperatures must be > 0")
+        for name in ("teacher_temp_warmup_fraction", "freeze_last_layer_fraction", "centre_momentum",
+                     "momentum_teacher", "final_momentum_teacher"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"ssl.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.koleo_group_size < 2 or self.monitor_every < 1 or self.knn_k < 1 or self.sinkhorn_iterations < 1:
+            raise ValueError("ssl.koleo_group_size >= 2, ssl.monitor_every >= 1, ssl.knn_k >= 1 and "
+                             "ssl.sinkhorn_iterations >= 1 are required")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    stage: Literal["head", "full", "lora"] = "head"
+    stage: Literal["head", "full", "lora", "ssl"] = "head"
     model: str = "tiny"  # configs/models/<name>.yaml or a path
     model_overrides: list[str] = field(default_factory=list)  # e.g. ["head.dropout=0.2"]
     lora: LoraSettings = field(default_factory=LoraSettings)  # used by stage "lora"
+    ssl: SSLConfig = field(default_factory=SSLConfig)  # used by stage "ssl"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: Literal["mse", "dirichlet"] = "dirichlet"
@@ -86,6 +133,13 @@ class TrainConfig:
             raise ValueError("max_steps, checkpoint_every, val_every, log_every and grad_accum_steps must be >= 1")
         if self.checkpoint_visibility_timeout_s <= 0:
             raise ValueError(f"checkpoint_visibility_timeout_s must be > 0, got {self.checkpoint_visibility_timeout_s}")
+        if self.stage == "ssl" and not self.data.loader.views.enabled:
+            raise ValueError("stage 'ssl' trains on multi-crop views: set data.loader.views.enabled=true (crop counts, "
+                             "sizes and scales under data.loader.views.global_crops / local_crops)")
+        if self.stage == "ssl" and self.zero_stage == 3:
+            raise ValueError("stage 'ssl' keeps its teacher, an fp32 copy of the student, whole on every rank outside "
+                             "DeepSpeed; ZeRO-3 would partition the student only, and every EMA step would gather "
+                             "it. Use zero_stage=2 (optimizer states and gradients partitioned) or 1")
         if self.zero3_param_persistence_threshold is not None and self.zero3_param_persistence_threshold < 0:
             raise ValueError(f"zero3_param_persistence_threshold must be >= 0, got "
                              f"{self.zero3_param_persistence_threshold}")

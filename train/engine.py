@@ -76,7 +76,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, on_cuda: bool, load_univ
     return config
 
 
-def _layer_depth(name: str, num_layers: int) -> int:
+def layer_depth(name: str, num_layers: int) -> int:
     """0 for embeddings, i+1 for encoder layer i, num_layers+1 for everything above the encoder."""
     if ".embeddings." in f".{name}":
         return 0
@@ -97,7 +97,7 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig, num_layers: int) -> l
         if not param.requires_grad:
             continue
         no_decay = param.ndim <= 1 or name.endswith(NO_DECAY_SUFFIXES)
-        depth = _layer_depth(name, num_layers) if decay is not None else num_layers + 1
+        depth = layer_depth(name, num_layers) if decay is not None else num_layers + 1
         scale = decay ** (num_layers + 1 - depth) if decay is not None else 1.0
         label = ("top" if depth == num_layers + 1 else f"depth{depth}") + ("_no_decay" if no_decay else "")
         group = groups.setdefault((no_decay, depth), {"params": [], "lr": cfg.optim.lr * scale, "lr_scale": scale,
@@ -146,6 +146,22 @@ class Engine:
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Raw logits (named answers + the implicit 'other' answers) that the losses need."""
         return self.engine(images.to(self.device, self.dtype, non_blocking=True), with_other=True)
+
+    def __call__(self, *inputs: Any, **kwargs: Any) -> Any:
+        """The module's own forward on inputs already on the device and in its dtype (stage ssl's networks)."""
+        return self.engine(*inputs, **kwargs)
+
+    def set_group_values(self, key: str, values: list[float | None]) -> None:
+        """Set `key` (lr, weight_decay) of every parameter group for the coming optimizer step; None leaves a group.
+
+        The groups are DeepSpeed's optimizer's (its fp32 partitions). Its LR scheduler sets every group's lr again
+        after each step, so an lr set here holds for one step: schedules call this before every step."""
+        groups = self.engine.optimizer.param_groups
+        if len(groups) != len(values):
+            raise ValueError(f"{len(values)} values for {len(groups)} parameter groups")
+        for group, value in zip(groups, values):
+            if value is not None:
+                group[key] = value
 
     def backward_step(self, loss: torch.Tensor) -> None:
         """One micro-step; DeepSpeed applies the optimizer at the accumulation boundary."""

@@ -6,11 +6,11 @@ take what they need; this module wires them together.
 
 from __future__ import annotations
 
-import math
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,14 +21,15 @@ from loaders.batch import Batch
 from loaders.loader import MixedLoader, build_loader
 from loaders.pfair import format_shares
 from loaders.shards import check_labelled
-from models.sample_noise import sample_noise, sample_seeds
+from models.sample_noise import sample_seeds
 from sharding.config import to_dict
 from sharding.schema import FeatureSchema, load_schema
 from train import checkpoint, engine as ds, stages
 from train.config import TrainConfig
+from train.objective import Objective, build_objective
 from train.runlog import RunLog
 from train.stepstats import StepStats
-from train.validate import Validator, format_table
+from train.validate import format_table
 from train.world import World
 
 
@@ -50,8 +51,9 @@ class Run:
     loader: MixedLoader
     log: RunLog
     checkpointer: checkpoint.Checkpointer
-    validator: Validator
+    validator: Any  # train.validate.Validator, or stage ssl's kNN probe: run(step) -> results by survey
     stats: StepStats
+    objective: Objective
     control: dist.ProcessGroup | None = None  # host-side group for the stop flag (gloo beside NCCL)
     step: int = 0
     stop_signal: int = 0
@@ -67,8 +69,14 @@ def _seed(cfg: TrainConfig, step: int) -> None:
 
 def run_identity(cfg: TrainConfig, schema: FeatureSchema, model: torch.nn.Module) -> dict:
     """What a resumed run must share with the run that saved the checkpoint."""
-    return {"schema": list(schema.names), "model": to_dict(model.config), "stage": cfg.stage,
-            "lora": to_dict(cfg.lora) if cfg.stage == "lora" else None}
+    identity = {"schema": list(schema.names), "model": to_dict(model.config), "stage": cfg.stage,
+                "lora": to_dict(cfg.lora) if cfg.stage == "lora" else None}
+    if cfg.stage == "ssl":  # the shapes of the heads and what trains
+        ssl = cfg.ssl
+        identity["ssl"] = {"dino_head": to_dict(ssl.dino_head), "ibot_separate_head": ssl.ibot_separate_head,
+                           "ibot_head": to_dict(ssl.ibot_head) if ssl.ibot_separate_head else None,
+                           "continued": to_dict(ssl.continued)}
+    return identity
 
 
 def setup(cfg: TrainConfig, world: World, resume: str | None) -> Run:
@@ -85,17 +93,19 @@ def setup(cfg: TrainConfig, world: World, resume: str | None) -> Run:
     schema = load_schema()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model, num_layers = stages.build(cfg, schema)
+    objective = build_objective(cfg, world, schema, model, num_layers)  # before the engine casts the model
     identity = run_identity(cfg, schema, model)
     plan = checkpoint.plan_resume(out_dir, resume, identity, world.world_size, cfg.zero_stage,
                                   checkpoint.shared_resolver(world, cfg.checkpoint_visibility_timeout_s))
     ds_config = ds.deepspeed_config(cfg, world.world_size, on_cuda, load_universal=bool(plan and plan.universal))
-    engine = ds.Engine(model, ds.param_groups(model, cfg, num_layers), ds_config,
-                       keep_fp32_fixed=world.is_main and cfg.precision != "fp32")
+    engine = ds.Engine(model, objective.param_groups(), ds_config,
+                       keep_fp32_fixed=world.is_main and cfg.precision != "fp32" and cfg.stage != "ssl")
     mix = cfg.data.mix_config(cfg.seed)
     loader = build_loader(cfg.data.loader, mix, world.rank, world.world_size, label_fraction=cfg.data.label_fraction)
     log = RunLog(out_dir, world.is_main, cfg.max_steps, plan.step if plan else 0)
+    objective.attach(engine, log.event, log.write)
     meta = {"config": to_dict(cfg), **identity, "world_size": world.world_size}
-    checkpointer = checkpoint.Checkpointer(engine, out_dir, world, cfg.keep_checkpoints, meta,
+    checkpointer = checkpoint.Checkpointer(objective.checkpoint_engine(), out_dir, world, cfg.keep_checkpoints, meta,
                                            ds.convert_to_universal, log.event, cfg.checkpoint_visibility_timeout_s)
     step = 0
     if plan is not None:
@@ -110,7 +120,7 @@ def setup(cfg: TrainConfig, world: World, resume: str | None) -> Run:
         log.event({"event": "validation", "step": at_step, "surveys": results})
         log.write(format_table(results, at_step))
 
-    validator = Validator(cfg, engine, loader.surveys, schema.names, world, on_results)
+    validator = objective.validator(loader.surveys, schema.names, on_results)
     stats = StepStats(engine.device, world.rank, world.world_size, loader.surveys)
     log.write(f"mix (normalised shares of every global batch of {mix.global_batch_size}): {format_shares(mix.ratios)}")
     if cfg.stage == "head" and not (model.config.pretrained or cfg.init_from):
@@ -121,44 +131,26 @@ def setup(cfg: TrainConfig, world: World, resume: str | None) -> Run:
         how = f", converted from {plan.saved_world_size} processes" if plan.universal else ""
         log.write(f"resumed from {plan.tag} at step {step}{how} (sampler epoch {loader.sampler.epoch}, "
                   f"batch {loader.sampler.batch_index})")
-    return Run(cfg, world, out_dir, schema, engine, loader, log, checkpointer, validator, stats, control, step)
-
-
-def global_label_count(local: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Collective: the labels of the whole global batch (what its loss is divided by), at least 1.
-
-    Summed on the training device (NCCL queues it on the stream), so the host never waits for it.
-    """
-    total = local.detach().to(device, torch.float64, non_blocking=True).reshape(1)
-    dist.all_reduce(total)
-    return total.clamp(min=1.0).reshape(())
+    return Run(cfg, world, out_dir, schema, engine, loader, log, checkpointer, validator, stats, objective, control,
+               step)
 
 
 def train_step(run: Run, batch: Batch) -> None:
     """Forward/backward over the rank's micro-batches and one optimizer step; losses stay on the device.
 
-    The objective is the global batch's loss, sum(label losses) / global label count, whatever the world size W
-    and accumulation A: DeepSpeed divides each micro-batch's gradient by A and averages ranks (divides by W), so
-    each micro-batch backpropagates its loss sum x W x A / count. Dropout is keyed by the sample's place in the
-    global batch (models.sample_noise), so the same galaxy gets the same mask on any split.
+    The stage's objective (train.objective) yields each micro-batch's share of the global batch's loss and what to
+    backpropagate, so the objective is the global batch's whatever the world size and accumulation. Noise is keyed
+    by (seed, step, the sample's place in the global batch): rank r holds places r*n .. r*n + n - 1.
     """
-    cfg, world, model = run.cfg, run.world, run.engine.module
+    cfg, world = run.cfg, run.world
     _seed(cfg, run.step)
     run.engine.train(True)
     run.stats.start_step()
-    micro = math.ceil(len(batch) / cfg.grad_accum_steps)
-    parts = [stages.slice_batch(batch, slice(start, start + micro)) for start in range(0, len(batch), micro)]
-    assert len(parts) == cfg.grad_accum_steps, "DeepSpeed's accumulation boundary needs A micro-batches per step"
-    local_count = sum(stages.label_count(cfg.loss, part, model) for part in parts)
-    count = global_label_count(local_count, run.engine.device)
-    scale = (world.world_size * cfg.grad_accum_steps / count).float()
     seeds = sample_seeds(cfg.seed, run.step + 1, world.rank * len(batch) + torch.arange(len(batch)))
-    for start, part in zip(range(0, len(batch), micro), parts):
-        with sample_noise(model, seeds[start:start + micro]):
-            logits = run.engine.forward(part.images).float()
-        loss = stages.loss_sum(cfg.loss, logits, part.to(logits.device), model)
-        run.stats.add(run.step + 1, loss / count.float())  # this micro-batch's share of the global batch loss
-        run.engine.backward_step(loss * scale)
+    for share, backward in run.objective.micro_losses(run.step + 1, batch, seeds):
+        run.stats.add(run.step + 1, share)
+        run.engine.backward_step(backward)
+    run.objective.end_step(run.step + 1)
     run.stats.end_step(run.step + 1, batch.keys, batch.survey)
 
 
@@ -170,7 +162,7 @@ def _step_record(run: Run, reduced: dict) -> dict:
             "img_per_s": run.cfg.data.global_batch_size * window.steps / seconds,
             "data_wait_fraction": window.wait / seconds, "step_seconds": seconds / max(window.steps, 1),
             "epoch": run.loader.sampler.epoch, "survey_counts": reduced["survey_counts"],
-            "batch_keys_hash": reduced["batch_keys_hash"]}
+            "batch_keys_hash": reduced["batch_keys_hash"], **run.objective.log_values(run.step)}
 
 
 def save(run: Run, reason: str) -> bool:
@@ -206,7 +198,7 @@ def _after_step(run: Run, started: float, waited: float) -> dict | None:
     if logging:
         run.log.step(_step_record(run, reduced))
         run.window = Window()
-    if run.step % cfg.val_every == 0 and not last:
+    if run.step % run.objective.validation_every == 0 and not last:
         results = run.validator.run(run.step)
     if checkpoint_due:
         save(run, "periodic")
@@ -241,8 +233,7 @@ def train(run: Run) -> dict:
     results = run.validator.run(run.step)
     save(run, "final")
     if run.world.is_main:
-        weights = run.engine.fp32_state_dict(checkpoint.checkpoint_root(run.out_dir), checkpoint.tag_for(run.step))
-        folder = stages.export(cfg, run.schema, run.step, weights, run.out_dir / "export", results)
+        folder = run.objective.export(run.out_dir, run.step, results)
         run.log.event({"event": "export", "step": run.step, "path": str(folder)})
     dist.barrier()
     return results

@@ -58,6 +58,9 @@ class RunLog:
         if self._tb is not None:
             for group, value in record.get("lr_groups", {}).items():
                 self._tb.add_scalar(f"lr/{group}", value, record["step"])
+            for name, value in record.get("ssl", {}).items():  # stage ssl: collapse monitors, loss terms, schedules
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"ssl/{name}", float(value), record["step"])
         self._bar.update(record["step"] - self._bar.n)
         self._bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
 

@@ -5,6 +5,8 @@
   -> 0 (one prototype) when the teacher assigns every image to the same prototype.
 - cls_std: per-dimension std of the L2-normalised teacher CLS embeddings, averaged, times sqrt(d): about 1 for
   embeddings spread over the sphere, -> 0 when they collapse to a point.
+- teacher_information: prototype_entropy - teacher_entropy, the mutual information between an image and its
+  prototype (nats): 0 under either collapse, when every image gets the same distribution.
 - rankme: exp(entropy of the normalised singular values) of the teacher CLS embeddings (Garrido et al. 2023), the
   effective rank, from their d x d Gram matrix.
 Every statistic is a sum over the GLOBAL batch's rows (one all-reduce at a logging step), so it does not depend on
@@ -19,10 +21,10 @@ import torch
 
 from models.ssl_losses import Reduce
 
-# Thresholds: a healthy run of the ssl configs stays well inside them (docs: train/ssl.py's report), the negative
+# Thresholds: a healthy run of the ssl configs stays well inside them (README, Self-supervised), the negative
 # controls (centering off, teacher temperature 1.0) cross them within a few steps.
 UNIFORM_ENTROPY_SHARE = 0.95  # teacher_entropy / ln K above this: uniform targets
-DOMINANT_PROTOTYPE_SHARE = 0.1  # prototype_entropy / ln(min(K, rows)) below this: one prototype for everything
+DOMINANT_PROTOTYPE_SHARE = 0.25  # prototype_entropy / ln(min(K, rows)) below this: a few prototypes for everything
 COLLAPSED_CLS_STD = 0.05
 
 
@@ -87,6 +89,8 @@ def summarise(sums: dict[str, torch.Tensor]) -> dict[str, float]:
     out.update({
         "teacher_entropy": float(sums["entropy"]) / rows,
         "prototype_entropy": float(-(mean_p * torch.log(mean_p.clamp(min=1e-30))).sum()),
+        "teacher_information": float(-(mean_p * torch.log(mean_p.clamp(min=1e-30))).sum()) - float(
+            sums["entropy"]) / rows,
         "cls_std": float(variance.sqrt().mean()) * math.sqrt(mean_unit.numel()),
         "rankme": rankme(sums["gram"]),
         "num_rows": rows,

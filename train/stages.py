@@ -1,4 +1,4 @@
-"""Training stages (head, full, LoRA): what trains, the loss, fractions and the final export, via models/."""
+"""Training stages (head, full, LoRA, ssl): what trains, the loss, fractions and the final export, via models/."""
 
 from __future__ import annotations
 
@@ -21,8 +21,16 @@ from train import checkpoint
 from train.config import TrainConfig
 
 
-def build(cfg: TrainConfig, schema: FeatureSchema) -> tuple[MorphologyModel, int]:
-    """The model for a stage and its backbone depth (for layer-wise LR decay)."""
+def build(cfg: TrainConfig, schema: FeatureSchema) -> tuple[torch.nn.Module, int]:
+    """The model for a stage and its backbone depth (for layer-wise LR decay); stage ssl's is the student network
+    (backbone + DINO/iBOT heads, models.ssl_arch), its teacher built from it by train.ssl_stage."""
+    if cfg.stage == "ssl":
+        from models.ssl_continued import build_student
+        ssl = cfg.ssl
+        config = load_model_config(cfg.model, cfg.model_overrides)
+        student = build_student(config, ssl.dino_head, ssl.ibot_head if ssl.ibot_separate_head else None,
+                                ssl.continued)
+        return student, config.backbone.num_hidden_layers
     model = MorphologyModel(load_model_config(cfg.model, cfg.model_overrides), schema)
     if cfg.init_from:
         meta = read_export_meta(cfg.init_from)
