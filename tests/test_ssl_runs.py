@@ -79,3 +79,22 @@ def test_negative_controls_trip_the_collapse_monitors_and_the_positive_one_does_
         assert "centering is off" in warnings[0]["cause"]
     if kind == "uniform":
         assert "teacher temperature (1.0) is too high" in warnings[0]["cause"]
+
+
+@pytest.mark.gpu
+def test_ssl_on_cuda_in_bf16_follows_the_cpu_run_with_an_fp32_teacher(shard_root, tmp_path):
+    """One process on the GPU (NCCL; a bf16 student under DeepSpeed, the teacher fp32 with bf16 autocast) against
+    fp32 on the CPU: the same batches, the first loss to bf16 precision, finite losses, an fp32 teacher saved."""
+    import numpy as np
+    from safetensors.torch import load_file
+    overrides = _ssl_overrides(shard_root)
+    runs = {"cpu": (tmp_path / "cpu", ["device=cpu"]), "cuda": (tmp_path / "cuda", ["device=cuda", "precision=bf16"])}
+    for out, extra in runs.values():
+        _run(_command(1, out, 4, [*overrides, *extra]))
+    cpu, cuda = _steps(runs["cpu"][0]), _steps(runs["cuda"][0])
+    assert [cuda[s]["batch_keys_hash"] for s in cuda] == [cpu[s]["batch_keys_hash"] for s in cpu]
+    assert cuda[1]["loss"] == pytest.approx(cpu[1]["loss"], rel=3e-2)
+    assert all(np.isfinite(r["loss"]) for r in cuda.values())
+    teacher = load_file(str(runs["cuda"][0] / "checkpoints" / "step00000004" / "ssl_teacher.safetensors"))
+    assert {str(t.dtype) for t in teacher.values()} == {"torch.float32"}
+    assert (runs["cuda"][0] / "export" / "backbone" / "model.safetensors").is_file()
