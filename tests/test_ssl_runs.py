@@ -42,7 +42,7 @@ def test_ssl_loss_is_the_same_on_any_world_size_and_a_killed_run_resumes_on_anot
     log the same losses for steps 1-3: masks, views, drop path, centre and KoLeo groups do not depend on the
     split. Resumed on 1 process (the universal form of the checkpoint, the teacher and centres from rank 0's file)
     steps 4-6 follow the reference: teacher, heads, centre, schedules and sampler position were all restored."""
-    overrides = _ssl_overrides(shard_root)
+    overrides = _ssl_overrides(shard_root, **{"ssl.freeze_last_layer_fraction": 0.5})  # steps 1-3 frozen
     one, two = tmp_path / "one", tmp_path / "two"
     _run(_command(1, one, 6, overrides))
     _kill_after_checkpoint(_command(2, two, 6, overrides), two, "step00000003")
@@ -57,11 +57,30 @@ def test_ssl_loss_is_the_same_on_any_world_size_and_a_killed_run_resumes_on_anot
         for name in ("dino_loss", "ibot_loss", "koleo_loss", "teacher_entropy", "prototype_entropy", "cls_std"):
             assert b["ssl"][name] == pytest.approx(a["ssl"][name], rel=1e-4, abs=1e-6), (step, name)
     assert reference[3]["ssl"]["ibot_loss"] > 0 and reference[3]["ssl"]["koleo_loss"] != 0
+    _check_last_layer_frozen(one / "checkpoints" / "step00000003")
     export = one / "export"
     assert (export / "backbone" / "config.json").is_file() and (export / "ssl_export.json").is_file()
     knn = _events(one, "validation")[-1]["surveys"]
     assert set(knn) == {"sdss", "decals", "hst"} and all(r["probe"] == "knn20" for r in knn.values())
     assert not _events(one, "collapse_warning")
+
+
+def _check_last_layer_frozen(folder) -> None:
+    """At step 3 (the prototype layer frozen so far; step 3 is the first with lr > 0): the student's prototype
+    layer is still its initial value, which the teacher (an average of it) equals; the rest of the head moved."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+    student = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    teacher = load_file(str(folder / "ssl_teacher.safetensors"))
+    for name in ("dino_head.last_layer.weight_v", "dino_head.last_layer.weight_g"):
+        assert torch_equal(student[name], teacher[f"network.{name}"]), name
+    assert not torch_equal(student["dino_head.mlp.0.weight"], teacher["network.dino_head.mlp.0.weight"])
+
+
+def torch_equal(a, b) -> bool:
+    """Equal up to the EMA's rounding (m * t + (1 - m) * t is t to a few ulps); a training step moves ~1e-4."""
+    import torch
+    return bool(torch.allclose(a.float(), b.float(), rtol=0, atol=1e-6))
 
 
 @pytest.mark.slow
