@@ -1,0 +1,295 @@
+"""Benchmark: what self-supervised pretraining (stage ssl, configs/train/ssl_cpu.yaml) is worth (issue 17).
+
+On mock SDSS, DECaLS, HST and UKIDSS surveys (launch.demo's, plus an unlabeled build of UKIDSS) it runs:
+1. two SSL pretrainings: on sdss+decals+hst+unlabeled ukidss images ("ssl") and on sdss+decals+hst only
+   ("ssl_no_ukidss");
+2. frozen features: a ridge probe (per survey, fitted on its train split, alpha chosen on val) and a head stage
+   (configs/train/cpu.yaml, stage head) on the SSL teacher against the same on a randomly initialised backbone;
+3. scarce labels: full fine-tuning (configs/train/cpu.yaml) from the SSL teacher against from scratch, with 10% and
+   100% of the training labels (data.label_fraction);
+4. adaptation: the two SSL backbones each fine-tuned on the 33/33/34 mix with all labels, scored on every UKIDSS
+   galaxy (which no fine-tuning saw).
+Every number is mean Pearson r over the 26 features on the test split (every galaxy for UKIDSS) with a 95% bootstrap
+interval over galaxies; comparisons are paired (the same resamples for both arms). Runs are kept under --out: a
+re-run skips what is done. Prints the tables and writes JSON. (Not bench/ssl.py: run by path, a bench script puts
+bench/ on sys.path, where a module named ssl would shadow Python's own.)
+
+    python bench/ssl_bench.py --out runs/bench_ssl                      # 1,500 galaxies per survey; about 1.5 hours
+    python bench/ssl_bench.py --out /tmp/s --num-galaxies 300 --ssl-steps 60 --ft-steps 60 --head-steps 60   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.learning import bootstrap_weights, interval, weighted_mean_r  # noqa: E402
+from bench.report import write_report  # noqa: E402
+
+LABELLED = ("sdss", "decals", "hst")
+HELD_OUT = "ukidss"
+MIX = "sdss=0.33,decals=0.33,hst=0.34"
+CPU = str(REPO / "configs" / "train" / "cpu.yaml")
+SSL = str(REPO / "configs" / "train" / "ssl_cpu.yaml")
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
+        env.pop(key, None)
+    return env
+
+
+def train(name: str, config: str, overrides: list[str], args: argparse.Namespace) -> Path:
+    """One `python -m train` under torchrun; kept when its export exists (a re-run skips it)."""
+    from train.world import free_port
+    out = args.out / "runs" / name
+    if (out / "export" / "export.json").is_file():
+        return out
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), "-m", "train", "--config", config, "--out-dir", str(out),
+           "--resume", "auto", f"seed={args.seed}", f"checkpoint_every={10 ** 9}", *overrides]
+    started = time.perf_counter()
+    result = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True)
+    (out / "stdout.txt").parent.mkdir(parents=True, exist_ok=True)
+    (out / "stdout.txt").write_text(result.stdout + result.stderr)
+    if result.returncode:
+        raise RuntimeError(f"{name} failed (log: {out / 'stdout.txt'}):\n{result.stderr[-3000:]}")
+    print(f"  {name}: {time.perf_counter() - started:.0f} s", flush=True)
+    return out
+
+
+def make_data(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(labelled shard root, SSL shard root): the demo's mock surveys, and UKIDSS once more, unlabeled."""
+    from launch.demo import make_shards
+    from sharding import build
+    from sharding.registry import load_survey
+    labelled = args.out / "shards"
+    if not all((labelled / s / "manifest.json").is_file() for s in (*LABELLED, HELD_OUT)):
+        make_shards(args.out, args.num_galaxies, argparse.Namespace(seed=args.seed, workers=2, corrupt_fraction=0.0))
+    unlabeled = args.out / "shards_unlabeled"
+    raw = args.out / "raw" / HELD_OUT
+    if build.main(["--survey", HELD_OUT, "--catalog", str(raw / Path(load_survey(HELD_OUT).catalog).name),
+                   "--images", str(raw / "images"), "--out", str(unlabeled), "--unlabeled", "--no-progress"]):
+        raise RuntimeError("the unlabeled UKIDSS build failed")
+    ssl_root = args.out / "shards_ssl"
+    ssl_root.mkdir(exist_ok=True)
+    for survey, target in [*((s, labelled / s) for s in LABELLED), (HELD_OUT, unlabeled / HELD_OUT)]:
+        link = ssl_root / survey
+        if not link.exists():
+            link.symlink_to(target.resolve(), target_is_directory=True)
+    return labelled, ssl_root
+
+
+def labels(shards: Path, survey: str, split: str) -> tuple[list[str], np.ndarray]:
+    """(keys, (n, 26) fractions with NaN where absent) of a split ("all": every row) from labels.parquet."""
+    from sharding.schema import load_schema
+    table = pd.read_parquet(shards / survey / "labels.parquet")
+    if split != "all":
+        table = table[table["split"] == split]
+    return table["key"].tolist(), table[load_schema().names].to_numpy(np.float32)
+
+
+@torch.no_grad()
+def features(backbone_dir: Path, shards: Path, survey: str, split: str) -> tuple[list[str], np.ndarray]:
+    """Pooled (cls + mean patch) features of a backbone folder on a split, through the evaluation input path."""
+    from transformers import Dinov2Model
+
+    from loaders.evaluation import iter_eval_batches
+    from loaders.source import LoaderConfig
+    from models.backbone import pool_tokens
+    from train.config import load_train_config
+    loader = load_train_config(CPU).data.loader
+    cfg = LoaderConfig(shard_root=str(shards), backend="torch", image_size=loader.image_size, mean=loader.mean,
+                       std=loader.std)
+    model = Dinov2Model.from_pretrained(backbone_dir, local_files_only=True).eval()
+    keys, out = [], []
+    for batch in iter_eval_batches(cfg, survey, split, batch_size=128, max_samples=None):
+        out.append(pool_tokens(model(pixel_values=batch.images).last_hidden_state, "cls_mean").numpy())
+        keys += batch.keys
+    return keys, np.concatenate(out)
+
+
+def ridge(train_x: np.ndarray, train_y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature ridge regression on standardised inputs, each feature on the rows that have its label."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    x = (train_x - mean) / std
+    x1 = np.hstack([x, np.ones((len(x), 1))])
+    weights = np.zeros((x1.shape[1], train_y.shape[1]))
+    for j in range(train_y.shape[1]):
+        rows = np.isfinite(train_y[:, j])
+        if rows.sum() < 3:
+            continue
+        a = x1[rows].T @ x1[rows] + alpha * np.diag([1.0] * x.shape[1] + [0.0])
+        weights[:, j] = np.linalg.solve(a, x1[rows].T @ train_y[rows, j])
+    return np.vstack([weights[:-1] / std[:, None], weights[-1:] - (mean / std) @ weights[:-1]]), mean
+
+
+def ridge_predictions(backbone_dir: Path, shards: Path, survey: str) -> tuple[list[str], np.ndarray]:
+    """Test-split predictions of a ridge probe fitted on the train split, alpha chosen by val mean r."""
+    fitted = {}
+    for split in ("train", "val", "test"):
+        keys, x = features(backbone_dir, shards, survey, split)
+        label_keys, y = labels(shards, survey, split)
+        order = {k: i for i, k in enumerate(label_keys)}
+        fitted[split] = (keys, x, y[[order[k] for k in keys]])
+    best = None
+    for alpha in (0.1, 1.0, 10.0, 100.0, 1000.0):
+        w, _ = ridge(fitted["train"][1], fitted["train"][2], alpha)
+        _, x, y = fitted["val"]
+        pred = np.hstack([x, np.ones((len(x), 1))]) @ w
+        r = weighted_mean_r(pred, np.nan_to_num(y), np.isfinite(y), np.ones((1, len(y))))[0]
+        if best is None or r > best[0]:
+            best = (r, w)
+    keys, x, _ = fitted["test"]
+    return keys, np.hstack([x, np.ones((len(x), 1))]) @ best[1]
+
+
+@torch.no_grad()
+def model_predictions(run: Path, shards: Path, survey: str, split: str) -> tuple[list[str], np.ndarray]:
+    from loaders.evaluation import iter_eval_batches
+    from models.io import load_export
+    from train.config import load_train_config
+    cfg = dataclasses.replace(load_train_config(run / "config.yaml").data.loader, shard_root=str(shards))
+    model = load_export(run / "export").eval()
+    keys, preds = [], []
+    for part in ("train", "val", "test") if split == "all" else (split,):
+        for batch in iter_eval_batches(cfg, survey, part, batch_size=128, max_samples=None):
+            preds.append(model.fractions(model(batch.images)).numpy())
+            keys += batch.keys
+    return keys, np.concatenate(preds)
+
+
+def score(arms: dict[str, tuple[list[str], np.ndarray]], shards: Path, survey: str, split: str,
+          pairs: list[tuple[str, str]], args: argparse.Namespace) -> dict:
+    """Mean r of each arm on one survey split, and paired differences, on the same bootstrap resamples."""
+    keys, target = labels(shards, survey, split)
+    weights = bootstrap_weights(len(keys), args.bootstrap, args.seed)
+    mask = np.isfinite(target)
+    resampled, out = {}, {"survey": survey, "split": split, "n": len(keys), "arms": {}, "pairs": []}
+    for name, (arm_keys, pred) in arms.items():
+        order = {k: i for i, k in enumerate(arm_keys)}
+        missing = [k for k in keys if k not in order]
+        if missing:
+            raise RuntimeError(f"{name} has no prediction for {len(missing)} {survey} {split} galaxies")
+        values = weighted_mean_r(pred[[order[k] for k in keys]], np.nan_to_num(target), mask, weights)
+        resampled[name] = values
+        out["arms"][name] = interval(values)
+    for a, b in pairs:
+        diff = resampled[a] - resampled[b]
+        out["pairs"].append({"a": a, "b": b, **interval(diff), "p_gt0": float((diff[1:] > 0).mean())})
+    return out
+
+
+def frozen(args: argparse.Namespace, shards: Path, backbones: dict[str, Path]) -> list[dict]:
+    """Ridge probe and head stage on each backbone, per labelled survey."""
+    heads = {name: train(f"head_{name}", CPU, ["stage=head", f"max_steps={args.head_steps}", f"data.mix={MIX}",
+                                                f"data.loader.shard_root={shards}", "optim.lr=0.01",
+                                                f"model_overrides=[pretrained={folder}]"], args)
+             for name, folder in backbones.items()}
+    rows = []
+    for survey in LABELLED:
+        arms = {f"ridge {name}": ridge_predictions(folder, shards, survey) for name, folder in backbones.items()}
+        arms.update({f"head {name}": model_predictions(run, shards, survey, "test") for name, run in heads.items()})
+        rows.append(score(arms, shards, survey, "test", [("ridge ssl", "ridge random"), ("head ssl", "head random")],
+                          args))
+    return rows
+
+
+def fine_tune(name: str, fraction: float, backbone: Path | None, shards: Path, args: argparse.Namespace) -> Path:
+    overrides = [f"max_steps={args.ft_steps}", f"data.mix={MIX}", f"data.loader.shard_root={shards}",
+                 f"data.label_fraction={fraction}",
+                 # Longer epochs (same steps): 10% of a survey's labels still fills a global batch.
+                 "data.epoch_multiplier=30"]
+    if backbone is not None:
+        overrides.append(f"model_overrides=[pretrained={backbone}]")
+    return train(name, CPU, overrides, args)
+
+
+def scarce(args: argparse.Namespace, shards: Path, ssl_backbone: Path) -> tuple[list[dict], dict[str, Path]]:
+    runs = {}
+    for fraction in (0.1, 1.0):
+        tag = f"{round(fraction * 100)}pct"
+        runs[f"ssl {tag}"] = fine_tune(f"ft_ssl_{tag}", fraction, ssl_backbone, shards, args)
+        runs[f"scratch {tag}"] = fine_tune(f"ft_scratch_{tag}", fraction, None, shards, args)
+    rows = []
+    for survey in LABELLED:
+        arms = {name: model_predictions(run, shards, survey, "test") for name, run in runs.items()}
+        rows.append(score(arms, shards, survey, "test", [("ssl 10pct", "scratch 10pct"),
+                                                          ("ssl 100pct", "scratch 100pct")], args))
+    return rows, runs
+
+
+def adaptation(args: argparse.Namespace, shards: Path, with_ukidss: Path, without: Path) -> dict:
+    arms = {"ssl with ukidss images": with_ukidss,
+            "ssl without ukidss": fine_tune("ft_ssl_no_ukidss_100pct", 1.0, without, shards, args)}
+    predictions = {name: model_predictions(run, shards, HELD_OUT, "all") for name, run in arms.items()}
+    return score(predictions, shards, HELD_OUT, "all", [("ssl with ukidss images", "ssl without ukidss")], args)
+
+
+def print_rows(title: str, rows: list[dict]) -> None:
+    print(f"\n{title}")
+    for row in rows:
+        cells = "  ".join(f"{name} {v['r']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]" for name, v in row["arms"].items())
+        print(f"  {row['survey']} {row['split']} (n={row['n']}): {cells}")
+        for p in row["pairs"]:
+            print(f"    {p['a']} - {p['b']}: {p['r']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}] (P(> 0) = {p['p_gt0']:.2f})")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_ssl")
+    parser.add_argument("--num-galaxies", type=int, default=1500, help="per mock survey")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nproc", type=int, default=2, help="torchrun processes per run")
+    parser.add_argument("--ssl-steps", type=int, help="SSL steps (default: ssl_cpu.yaml's max_steps)")
+    parser.add_argument("--ft-steps", type=int, default=1000, help="fine-tuning steps (cpu.yaml recipe)")
+    parser.add_argument("--head-steps", type=int, default=600, help="head-stage steps on a frozen backbone")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "ssl.json")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out = args.out.resolve()
+    torch.set_num_threads(2)
+    shards, ssl_root = make_data(args)
+    ssl_steps = [f"max_steps={args.ssl_steps}"] if args.ssl_steps else []
+    four = ",".join(f"{s}=0.25" for s in (*LABELLED, HELD_OUT))
+    ssl = train("ssl", SSL, [f"data.loader.shard_root={ssl_root}", f"data.mix={four}", *ssl_steps], args)
+    ssl_without = train("ssl_no_ukidss", SSL, [f"data.loader.shard_root={shards}", f"data.mix={MIX}", *ssl_steps],
+                        args)
+    random_dir = args.out / "runs" / "random_backbone"
+    if not (random_dir / "config.json").is_file():
+        from transformers import Dinov2Model
+
+        from models.backbone import dinov2_config
+        from models.config import load_model_config
+        torch.manual_seed(args.seed)
+        Dinov2Model(dinov2_config(load_model_config("cpu").backbone)).save_pretrained(random_dir)
+    backbones = {"ssl": ssl / "export" / "backbone", "random": random_dir}
+    result = {"frozen": frozen(args, shards, backbones)}
+    result["scarce"], runs = scarce(args, shards, backbones["ssl"])
+    result["adaptation"] = adaptation(args, shards, runs["ssl 100pct"], ssl_without / "export" / "backbone")
+    print_rows("frozen features: mean r on the test split", result["frozen"])
+    print_rows("scarce labels: full fine-tuning, mean r on the test split", result["scarce"])
+    print_rows("adaptation: fine-tuned on the 33/33/34 mix, every UKIDSS galaxy", [result["adaptation"]])
+    write_report(args.json, "ssl", [], **result, settings={k: str(v) for k, v in vars(args).items()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
