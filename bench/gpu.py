@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -107,6 +109,43 @@ def training(b: Bench, shards: Path) -> None:
         b.add(section, "MFU (H200 datasheet bf16 dense)", datasheet, "", note=f"of {H200_BF16_DENSE_TFLOPS} TFLOP/s")
 
 
+def ssl_training(b: Bench, shards: Path) -> None:
+    """Stage ssl as configs/train/ssl.yaml runs it (ViT-B/14, 2 x 224 + 8 x 96 crops, bf16, ZeRO-2), one GPU."""
+    from bench.train import forward_flops_per_image, measured_peak_flops
+    smoke = not b.cuda
+    config, batch, steps, warmup = ("ssl_cpu.yaml", 16, 4, 1) if smoke else ("ssl.yaml", b.args.ssl_batch,
+                                                                               b.args.train_steps, 5)
+    out = b.work / "ssl"
+    overrides = [f"data.loader.shard_root={shards}", "data.mix=sdss=0.33,decals=0.33,hst=0.34",
+                 f"data.global_batch_size={batch}", f"max_steps={steps}", "log_every=1", "checkpoint_every=1000000",
+                 "val_every=1000000", "ssl.monitor_every=1000000", "data.val_max_samples=64", "ssl.koleo_group_size=16",
+                 f"data.loader.num_workers={1 if smoke else b.args.workers}", "optim.warmup_steps=1"]
+    if not smoke and not _has_dali():
+        overrides += ["data.loader.backend=torch"]  # the GPU path without DALI: torch decode, pinned copies
+    cmd = [sys.executable, "-m", "train", "--config", str(REPO / "configs" / "train" / config), "--out-dir", str(out),
+           *overrides]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    if result.returncode:
+        raise RuntimeError(f"ssl run failed:\n{result.stderr[-2000:]}")
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    timed = [r for r in records if "event" not in r][warmup:]
+    step_s = statistics.median(r["step_seconds"] for r in timed)
+    wait = statistics.median(r["data_wait_fraction"] for r in timed)
+    model, (g, l), counts = ("cpu", (64, 32), (2, 4)) if smoke else ("base", (224, 96), (2, 8))
+    # Student forward + backward on every crop, teacher forward on the global crops.
+    flops = 3 * (counts[0] * forward_flops_per_image(model, g) + counts[1] * forward_flops_per_image(model, l)) \
+        + counts[0] * forward_flops_per_image(model, g)
+    peak = measured_peak_flops("cuda" if b.cuda else "cpu", torch.bfloat16 if b.cuda else torch.float32,
+                               size=8192 if b.cuda else 512)
+    img_s = batch / step_s
+    section = f"ssl {'cpu-64+32 smoke' if smoke else 'vit-b14 2x224+8x96 bf16 zero2'}"
+    b.add(section, "img/s", img_s, "img/s", status="smoke" if smoke else "",
+          note=f"batch {batch}, median of steps {warmup + 1}-{steps}")
+    b.add(section, "data wait share", wait, "", "< 5%", judge(wait, TARGETS["data_wait_fraction"], False, smoke))
+    b.add(section, "MFU (measured matmul peak)", img_s * flops / peak, "", ">= 40%",
+          judge(img_s * flops / peak, TARGETS["mfu"], True, smoke))
+
+
 def evaluation(b: Bench, shards: Path) -> None:
     from bench.eval import make_export, time_predict
     model, size, batch, device = ("base", 224, 256, "cuda") if b.cuda else ("tiny", 56, 16, "cpu")
@@ -171,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dali-threads", type=int, default=max(2, min(8, os.cpu_count() or 2)))
     parser.add_argument("--train-batch", type=int, default=256)
     parser.add_argument("--train-steps", type=int, default=40)
+    parser.add_argument("--ssl-batch", type=int, default=128, help="global batch of the ssl row (one GPU)")
     parser.add_argument("--budget-s", type=float, default=420, help="parts that no longer fit are skipped")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "gpu.json")
     args = parser.parse_args(argv)
@@ -186,10 +226,11 @@ def main(argv: list[str] | None = None) -> int:
                 shards = b.work / "shards"
                 make_shards(b.work, args.num_galaxies if b.cuda else 40, workers=max(1, min(14, os.cpu_count() or 1)))
             b.run("training", lambda: training(b, shards), 90 if b.cuda else 30)
+            b.run("ssl training", lambda: ssl_training(b, shards), 90 if b.cuda else 30)
             b.run("evaluation", lambda: evaluation(b, shards), 40 if b.cuda else 20)
             b.run("DALI", lambda: dali(b, shards), 30 if b.cuda else 10)
         else:
-            for part in ("training ViT-B/14 bf16 ZeRO-2", "evaluation", "DALI mixed decode"):
+            for part in ("training ViT-B/14 bf16 ZeRO-2", "ssl ViT-B/14 2x224+8x96", "evaluation", "DALI mixed decode"):
                 b.add(part, "-", None, status="SKIPPED", note="no CUDA GPU")
     finally:
         shutil.rmtree(b.work, ignore_errors=True)
