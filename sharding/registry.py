@@ -14,6 +14,15 @@ SURVEY_DIR = CONFIG_ROOT / "surveys"
 
 
 @dataclass(frozen=True)
+class SkyRegion:
+    """One box of a mock footprint: ra as (low, high) in [0, 360], wrapping through 0 when low > high
+    (e.g. [310, 60] is Stripe 82's RA span); dec as (low, high) in [-90, 90]."""
+    ra: tuple[float, float] = (0.0, 360.0)
+    dec: tuple[float, float] = (-10.0, 10.0)
+    name: str = ""
+
+
+@dataclass(frozen=True)
 class MockSpec:
     """How `sharding.mock` renders this survey (ignored for real data)."""
     cutout_px: int = 96
@@ -30,8 +39,8 @@ class MockSpec:
     oversample: int = 2  # sub-pixels per pixel side when evaluating profiles, block-summed afterwards
     bulge_sed: list[float] = field(default_factory=list)  # per-band bulge flux / mean; empty = red ramp
     disk_sed: list[float] = field(default_factory=list)  # per-band disk flux / mean; empty = flat-blue ramp
-    ra_range: tuple[float, float] = (0.0, 360.0)  # deg, footprint the positions are drawn from
-    dec_range: tuple[float, float] = (-10.0, 10.0)  # deg
+    # Where on the one mock sky this survey looks; a galaxy inside several surveys' footprints is in each of them.
+    footprint: list[SkyRegion] = field(default_factory=lambda: [SkyRegion()])
     id_style: Literal["number", "iauname"] = "number"  # iauname: Jhhmmss.ss+ddmmss.s from ra/dec
     id_start: int = 1  # number ids: id_start + index * id_stride + a random offset below id_stride
     id_stride: int = 1

@@ -14,12 +14,14 @@ from astropy.convolution import convolve_fft
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
+from scipy import stats
 
 from sharding.mock import main
 from sharding.mock.fitsfiles import fits_bytes, galaxy_fits, image_header
 from sharding.mock.render import convolve_psf, point_source, psf_kernel
+from sharding.mock import sky
 from sharding.mock.sky import iau_name
-from sharding.registry import list_surveys, load_survey
+from sharding.registry import SkyRegion, list_surveys, load_survey
 
 SURVEYS = ("sdss", "decals", "hst", "ukidss")
 SCHEMAS = Path(__file__).resolve().parent.parent / "sharding" / "gz_schemas"
@@ -221,14 +223,44 @@ def test_labels_depend_on_true_morphology(surveys):
 
 def test_same_population_votes_differently_per_survey(surveys):
     hst, ukidss = (pd.read_parquet(surveys[n] / "truth.parquet") for n in ("hst", "ukidss"))
-    for column in ("kind", "arm_count", "bar_strength", "inclination_deg"):
-        assert hst[column].equals(ukidss[column])
-    spirals = hst["has_spiral"].to_numpy()
-    mean_yes = {n: np.nanmean(fractions_of(catalog_of(surveys[n], n), n, "has-spiral-arms_yes")[spirals])
-                for n in ("hst", "ukidss")}
+    mean_yes = {}
+    for name, truth in (("hst", hst), ("ukidss", ukidss)):
+        spirals = truth["has_spiral"].to_numpy()
+        mean_yes[name] = np.nanmean(fractions_of(catalog_of(surveys[name], name), name, "has-spiral-arms_yes")[spirals])
     # HST resolves the arms; shallow UKIDSS near-infrared imaging washes them out.
     assert mean_yes["hst"] > mean_yes["ukidss"] + 0.1
     assert hst["visibility"].mean() > ukidss["visibility"].mean() + 0.2
+
+
+def test_one_sky_twins_are_one_galaxy(surveys):
+    """UKIDSS lies inside SDSS and goes deeper: every SDSS galaxy in the UKIDSS footprint is a UKIDSS galaxy with
+    the same position and morphology, and the UKIDSS galaxies shallower than SDSS's limit inside SDSS are twins."""
+    sdss, ukidss = (pd.read_parquet(surveys[n] / "truth.parquet") for n in ("sdss", "ukidss"))
+    in_ukidss = sky.in_footprint(sdss["ra"].to_numpy(), sdss["dec"].to_numpy(), load_survey("ukidss").mock.footprint)
+    expected = set(sdss.loc[in_ukidss, "sky_id"])
+    shallow = ukidss["depth"] < sdss["depth"].max()
+    in_sdss = sky.in_footprint(ukidss["ra"].to_numpy(), ukidss["dec"].to_numpy(), load_survey("sdss").mock.footprint)
+    assert expected == set(ukidss.loc[shallow & in_sdss, "sky_id"]) and len(expected) >= 3
+    twins = sdss.merge(ukidss, on="sky_id", suffixes=("_s", "_u"))
+    assert set(twins["sky_id"]) == expected
+    for column in ("ra", "dec", "kind", "arm_count", "bar_strength", "inclination_deg", "edge_on"):
+        assert (twins[f"{column}_s"] == twins[f"{column}_u"]).all(), column
+    assert not (twins["num_classifications_s"] == twins["num_classifications_u"]).all()  # own volunteers
+
+
+def test_sky_is_uniform_nested_and_wraps_through_ra_zero():
+    box = [SkyRegion(ra=(300.0, 20.0), dec=(-30.0, 60.0))]
+    galaxies = sky.select_galaxies(box, 4000, seed=5)
+    ra, dec = galaxies["ra"], galaxies["dec"]
+    assert sky.in_footprint(ra, dec, box).all() and (ra < 20).any() and (ra >= 300).any()
+    # Uniform on the sphere: sin(dec) uniform between the box's limits, RA uniform over the 80 deg span.
+    lo, hi = np.sin(np.radians([-30.0, 60.0]))
+    assert stats.kstest(np.sin(np.radians(dec)), stats.uniform(lo, hi - lo).cdf).pvalue > 1e-3
+    assert stats.kstest((ra - 300.0) % 360.0, stats.uniform(0, 80).cdf).pvalue > 1e-3
+    fewer = sky.select_galaxies(box, 1000, seed=5)
+    assert np.array_equal(fewer["sky_id"], galaxies["sky_id"][:1000])  # more galaxies never move the old ones
+    other = sky.select_galaxies(box, 1000, seed=6)
+    assert len(np.intersect1d(other["ra"], fewer["ra"])) == 0  # another seed, another sky
 
 
 def test_volunteers_walk_the_decision_tree(surveys):

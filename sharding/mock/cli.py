@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from sharding.mock.generate import Options, Summary, generate
-from sharding.mock.sky import per_band_files
+from sharding.mock.sky import per_band_files, region_area_deg2
 from sharding.registry import SurveyConfig, list_surveys, load_survey
 
 
@@ -29,7 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-galaxies", type=int, default=200, help="number of galaxies (catalog rows)")
     parser.add_argument("--out", help="output directory; default: the directory of the survey YAML's catalog "
                                       "path (e.g. data/raw/hst), so the YAML's catalog/images paths find the output")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same galaxies in every survey")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the one mock sky: with the same seed, a galaxy inside two surveys' "
+                             "footprints is the same galaxy (position, morphology) in both")
     parser.add_argument("--corrupt-fraction", type=float, default=0.0,
                         help="fraction of galaxies given a bad input (truncated/missing/all-NaN/all-zero image, NaN "
                              "or negative votes, duplicated id), each kind at least once; listed in corruptions.csv")
@@ -52,6 +53,10 @@ def _options(args: argparse.Namespace, survey: SurveyConfig) -> Options:
                    progress=not args.no_progress, overwrite=args.overwrite)
 
 
+def footprint_area(survey: SurveyConfig) -> float:
+    return sum(region_area_deg2(r) for r in survey.mock.footprint)
+
+
 def summarize(survey: SurveyConfig, summary: Summary, seconds: float) -> str:
     truth = summary.truth
     kinds = truth["kind"].value_counts()
@@ -64,6 +69,8 @@ def summarize(survey: SurveyConfig, summary: Summary, seconds: float) -> str:
         f"  seen: median r_eff/PSF {np.median(truth['resolution']):.2f}, median S/N {np.median(truth['snr']):.0f}, "
         f"mean visibility {truth['visibility'].mean():.2f}",
         f"  votes: {truth['num_classifications'].mean():.1f} classifications per galaxy",
+        f"  sky: {len(survey.mock.footprint)} footprint region(s), {footprint_area(survey):.1f} deg^2, the "
+        f"{len(truth)} shallowest galaxies (down to {truth['depth'].max():.3g} per deg^2)",
         f"  corruptions: {len(summary.corruptions)}; images with bad pixels: {(truth['pixel_defects'] != '').sum()}",
         f"  catalog: {summary.catalog}",
         f"  images:  {summary.images_dir}",

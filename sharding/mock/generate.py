@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import shutil
 from dataclasses import dataclass
@@ -19,20 +20,28 @@ from sharding.mock.tree import load_tree, native_names
 from sharding.mock.volunteers import cast_votes
 from sharding.registry import SurveyConfig
 
-# Independent random streams per galaxy: SeedSequence([seed, index, stream]). The morphology stream does not
-# involve the survey, so one seed gives the same galaxy population in every survey.
+# Independent random streams per galaxy: SeedSequence([seed, sky_id, stream(, survey)]). The morphology stream does
+# not involve the survey, so a galaxy seen by two surveys is one galaxy; its pixels, noise and volunteers are each
+# survey's own.
 MORPHOLOGY, SKY, RENDER, VOTES, DEFECTS = range(5)
 PLAN = 2**32 - 1  # stream key of the run-level plan (corruptions, defects); never a galaxy index
 _CONTEXT: dict = {}
 
 
-def galaxy_rng(seed: int, index: int, stream: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed, index, stream]))
+def galaxy_rng(seed: int, index: int, stream: int, survey: str = "") -> np.random.Generator:
+    keys = [seed, index, stream] + ([survey_key(survey)] if survey else [])
+    return np.random.default_rng(np.random.SeedSequence(keys))
+
+
+def survey_key(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")
 
 
 @dataclass(frozen=True)
 class Job:
-    index: int
+    index: int  # row in the catalog
+    sky_id: int  # the galaxy on the one mock sky: the same in every survey that sees it
+    depth: float  # galaxies per deg^2 of the sky down to this one (the survey takes the shallowest)
     object_id: int | str
     ra: float
     dec: float
@@ -66,21 +75,23 @@ class Options:
 
 def plan_jobs(survey: SurveyConfig, opts: Options) -> tuple[list[Job], dict[int, int]]:
     """Ids, positions, files and corruptions of every galaxy, decided up front so workers never collide."""
-    plan_rng = galaxy_rng(opts.seed, PLAN, 0)
+    plan_rng = galaxy_rng(opts.seed, PLAN, 0, survey.name)
     plan = corrupt.plan_corruptions(opts.num_galaxies, opts.corrupt_fraction, plan_rng)
     sources = corrupt.duplicate_sources(plan, plan_rng)
     defects = corrupt.plan_defects(opts.num_galaxies, opts.bad_pixel_fraction, plan, plan_rng)
+    galaxies = sky.select_galaxies(sky.check_footprint(survey), opts.num_galaxies, opts.seed)
     jobs, seen = [], set()
-    for index in range(opts.num_galaxies):
-        rng = galaxy_rng(opts.seed, index, SKY)
-        ra, dec = sky.draw_position(rng, survey)
+    for index, sky_id in enumerate(galaxies["sky_id"].tolist()):
+        depth = float(galaxies["depth"][index])
+        rng = galaxy_rng(opts.seed, sky_id, SKY, survey.name)
+        ra, dec = float(galaxies["ra"][index]), float(galaxies["dec"][index])
         gal_id = sky.object_id(index, rng, survey, ra, dec)
         while gal_id in seen:  # two IAU names in the same 0.1 arcsec: nudge north until unique
             dec = min(dec + 0.2 / 3600.0, 90.0)
             gal_id = sky.object_id(index, rng, survey, ra, dec)
         seen.add(gal_id)
         kind = plan.get(index, "")
-        jobs.append(Job(index, gal_id, ra, dec, tuple(sky.relative_paths(survey, gal_id)), kind,
+        jobs.append(Job(index, sky_id, depth, gal_id, ra, dec, tuple(sky.relative_paths(survey, gal_id)), kind,
                         index in defects, write_images=kind != "duplicate_id"))
     return jobs, sources
 
@@ -95,11 +106,12 @@ def make_galaxy(job: Job) -> Result:
     """Morphology, perceived votes and (unless its row duplicates another) the image files of one galaxy."""
     survey: SurveyConfig = _CONTEXT["survey"]
     seed, images_dir = _CONTEXT["seed"], Path(_CONTEXT["images_dir"])
-    m = draw_morphology(galaxy_rng(seed, job.index, MORPHOLOGY), survey.mock)
+    m = draw_morphology(galaxy_rng(seed, job.sky_id, MORPHOLOGY), survey.mock)
     seen = perceive(m, survey)
-    num, votes = cast_votes(_CONTEXT["tree"], m, seen, galaxy_rng(seed, job.index, VOTES),
+    num, votes = cast_votes(_CONTEXT["tree"], m, seen, galaxy_rng(seed, job.sky_id, VOTES, survey.name),
                             survey.mock.volunteers_mean)
-    truth = dict(id=job.object_id, index=job.index, ra=job.ra, dec=job.dec, num_classifications=num,
+    truth = dict(id=job.object_id, index=job.index, sky_id=job.sky_id, depth=job.depth, ra=job.ra, dec=job.dec,
+                 num_classifications=num,
                  **truth_record(m),
                  resolution=seen.resolution, snr=seen.snr, visibility=seen.visibility,
                  axis_ratio_seen=seen.axis_ratio_seen)
@@ -110,10 +122,10 @@ def make_galaxy(job: Job) -> Result:
 
 
 def _write_images(job: Job, m, survey: SurveyConfig, seed: int, images_dir: Path, result: Result) -> None:
-    image = render_galaxy(m, survey, galaxy_rng(seed, job.index, RENDER))
+    image = render_galaxy(m, survey, galaxy_rng(seed, job.sky_id, RENDER, survey.name))
     if job.defects:
         result.defects = corrupt.sprinkle_defects(image, survey.mock.saturation,
-                                                  galaxy_rng(seed, job.index, DEFECTS))
+                                                  galaxy_rng(seed, job.sky_id, DEFECTS, survey.name))
     image = corrupt.corrupt_pixels(image, job.corruption)
     files = fitsfiles.galaxy_files(survey, job.object_id, job.ra, job.dec, image, list(job.paths))
     first = job.paths[0]
