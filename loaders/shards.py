@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sharding.catalog import unit_hash
+from sharding.sky import unit_hash
 from sharding.schema import FeatureSchema, load_schema, total_votes_column, votes_column
 
 

@@ -21,6 +21,7 @@ from sharding.catalog import Reject, check_columns, has_answers, load_labels, pa
 from sharding.config import to_dict
 from sharding.registry import SurveyConfig, list_surveys, load_survey
 from sharding.schema import FeatureSchema, load_schema
+from sharding.sky import DEFAULT_NSIDE, SPLIT_RULES, nside_for, split_rule
 from sharding.writer import ShardPacker, sha256_of
 
 MANIFEST_VERSION = 1
@@ -52,7 +53,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-float", action="store_true", help="also store the float16 multi-band cutout (.npy)")
     parser.add_argument("--image-pattern", help="file name pattern for {id} (and {band}); default: survey YAML")
     parser.add_argument("--splits", default="train=0.8,val=0.1,test=0.1",
-                        help="split fractions, assigned by a stable hash of the object id")
+                        help="split fractions, assigned by a stable hash of the galaxy's sky cell (or of its id)")
+    parser.add_argument("--split-by", choices=SPLIT_RULES, default="sky",
+                        help="sky: hash of the HEALPix cell of the position, so a galaxy's copies in every survey "
+                             "share a split whatever order the surveys are built in (check with sharding.verify "
+                             "--across); id: hash of the object id (twins in two surveys may land in different "
+                             "splits)")
+    parser.add_argument("--sky-cell-deg", type=float, default=None,
+                        help=f"side of the sky cells in degrees, rounded to a HEALPix nside (default nside "
+                             f"{DEFAULT_NSIDE}, 0.23 deg); every survey of a shard root should use the same")
     parser.add_argument("--overwrite", action="store_true", help="delete this survey's previous output first")
     parser.add_argument("--strict", action="store_true", help="exit non-zero if any input was rejected")
     parser.add_argument("--unlabeled", action="store_true",
@@ -91,6 +100,7 @@ def build_params(args: argparse.Namespace, survey: SurveyConfig, catalog: Path, 
         "image_format": args.image_format, "jpeg_quality": args.jpeg_quality, "jpeg_chroma": args.jpeg_chroma,
         "keep_float": args.keep_float,
         "samples_per_shard": per_shard, "splits": parse_splits(args.splits), "survey": to_dict(survey),
+        "split_rule": split_rule(args.split_by, nside_for(args.sky_cell_deg) if args.sky_cell_deg else DEFAULT_NSIDE),
         **({"unlabeled": True} if unlabeled else {}),
     }
 
@@ -215,6 +225,7 @@ def finalize(out_dir: Path, survey: SurveyConfig, schema: FeatureSchema, params:
         "feature_schema": {"name": schema.name, "version": schema.version, "features": schema.names,
                            "questions": {q.name: [f.name for f in q.features] for q in schema.questions}},
         "build": params,
+        "split_rule": params["split_rule"],
         "labelled": not params.get("unlabeled", False),
         "members": [params["image_format"]] + (["npy"] if params["keep_float"] else []),
         "num_samples": len(written), "num_rejects": len(rejects),
@@ -231,6 +242,10 @@ def print_summary(manifest: dict, rejects: pd.DataFrame, seconds: float, out_dir
     unlabeled = "" if manifest.get("labelled", True) else " (unlabeled)"
     print(f"\n{manifest['survey']}{unlabeled}: {manifest['num_samples']} samples in "
           f"{len(manifest['shards'])} shards -> {out_dir}  ({seconds:.1f} s)")
+    rule = manifest["split_rule"]
+    by = (f"the HEALPix cell (nside {rule['healpix_nside']}, {rule['cell_deg']} deg) of each position"
+          if rule["split_by"] == "sky" else "the object id")
+    print(f"  splits by a hash of {by}:")
     for split, info in manifest["splits"].items():
         print(f"  {split:>6}: {info['num_samples']:>7} samples, {info['num_shards']:>4} shards")
     if len(rejects):
@@ -267,7 +282,8 @@ def run(args: argparse.Namespace) -> int:
     check_columns(df.columns, survey, catalog, labelled=not unlabeled)
     params = build_params(args, survey, catalog, images_dir, unlabeled)
     survey_dir = Path(args.out) / survey.name
-    labels, catalog_rejects = load_labels(df, survey, schema, params["splits"], labelled=not unlabeled)
+    labels, catalog_rejects = load_labels(df, survey, schema, params["splits"], labelled=not unlabeled,
+                                          rule=params["split_rule"])
     if not args.merge:
         check_images_found(labels, params, survey)  # on the whole catalog: a part may hold a handful of rows
     if args.part:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from sharding.registry import SurveyConfig, survey_path
+from sharding.sky import assign_splits, split_of  # noqa: F401 - split_of is part of this module's API
 from sharding.schema import NATIVE_PREFIX, FeatureSchema, total_votes_column, votes_column
 
 FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fts")
@@ -135,7 +135,9 @@ def row_rejects(df: pd.DataFrame, survey: SurveyConfig, ids: pd.Series, labelled
             first_row.setdefault(oid, i)
     add(dup, "duplicate-id", lambda i: f"{survey.id_column}={ids.iat[i]} already used by row {first_row[ids.iat[i]]}")
     coords = df[[survey.ra_column, survey.dec_column]].apply(pd.to_numeric, errors="coerce").to_numpy()
-    add(~np.isfinite(coords).all(axis=1), "bad-coordinates", lambda i: f"ra/dec = {coords[i].tolist()}")
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(coords).all(axis=1) | (np.abs(coords[:, 1]) > 90)
+    add(bad, "bad-coordinates", lambda i: f"ra/dec = {coords[i].tolist()} (dec must lie in [-90, 90] degrees)")
     vote_cols = _vote_columns(df, survey) if labelled else []
     if vote_cols:
         votes = df[vote_cols].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
@@ -204,22 +206,6 @@ def fraction_rejects(labels: pd.DataFrame, schema: FeatureSchema, ids: pd.Series
                            int(i), ids.iat[i]) for i in np.flatnonzero(bad.any(axis=1))}
 
 
-def unit_hash(text: str) -> float:
-    """A stable number in [0, 1) from a string (sha256): the same on every machine, process and run."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2.0**64
-
-
-def split_of(object_id: str, splits: dict[str, float]) -> str:
-    """Stable split by hash of the object id: adding galaxies to a catalog never moves old ones."""
-    u = unit_hash(object_id)
-    cumulative = 0.0
-    for name, fraction in splits.items():
-        cumulative += fraction
-        if u < cumulative:
-            return name
-    return next(reversed(splits))
-
-
 def parse_splits(text: str) -> dict[str, float]:
     """'train=0.8,val=0.1,test=0.1' -> ordered dict of fractions summing to 1."""
     splits: dict[str, float] = {}
@@ -237,9 +223,10 @@ def parse_splits(text: str) -> dict[str, float]:
 
 
 def load_labels(df: pd.DataFrame, survey: SurveyConfig, schema: FeatureSchema, splits: dict[str, float],
-                labelled: bool = True) -> tuple[pd.DataFrame, list[Reject]]:
+                labelled: bool = True, rule: dict | None = None) -> tuple[pd.DataFrame, list[Reject]]:
     """Accepted rows with key, id, coordinates, split, standard labels and native columns; and the row rejects.
 
+    `rule` is a sharding.sky split rule (default: by object id).
     `labelled=False` (an unlabeled survey): the standard labels are unlabeled_labels, whatever vote columns the
     catalog holds, and only ids and coordinates can reject a row.
     """
@@ -260,12 +247,12 @@ def load_labels(df: pd.DataFrame, survey: SurveyConfig, schema: FeatureSchema, s
         else:
             first_key[key] = i
     accepted = np.array([i not in rejects for i in range(len(df))], dtype=bool)
+    ra = pd.to_numeric(df[survey.ra_column], errors="coerce")
+    dec = pd.to_numeric(df[survey.dec_column], errors="coerce")
     base = pd.DataFrame({
-        "key": keys, "object_id": ids, "survey": survey.name,
-        "ra": pd.to_numeric(df[survey.ra_column], errors="coerce"),
-        "dec": pd.to_numeric(df[survey.dec_column], errors="coerce"),
+        "key": keys, "object_id": ids, "survey": survey.name, "ra": ra, "dec": dec,
         "row": np.arange(len(df), dtype=np.int64),
-        "split": ids.map(lambda oid: split_of(oid, splits)),
+        "split": assign_splits(ids, ra.to_numpy(), dec.to_numpy(), splits, rule or {"split_by": "id"}),
     })
     if "file_loc" in df.columns:
         base["file_loc"] = df["file_loc"].astype(str)
