@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval import metrics as m, source as sources
+from eval import metrics as m, source as sources, twins
 from eval.compare import common_features
 from eval.labels import align, read_labels, read_predictions
 from eval.score import cell, write_json
@@ -35,6 +35,7 @@ class OODConfig:
     seed: int = 0
     batch_size: int = 64
     device: str = "auto"
+    twin_radius_arcsec: float = 1.0  # a held-out galaxy within this of a training-split galaxy is its twin
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,6 +54,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.add_argument(f"--{flag}")
     for flag in ("bootstrap", "seed", "batch-size"):
         parser.add_argument(f"--{flag}", type=int)
+    parser.add_argument("--twin-radius", dest="twin_radius_arcsec", type=float,
+                        help="arcsec: a held-out galaxy this close to a galaxy of a run's training surveys' train "
+                             "splits has a training twin; scores are also given on new galaxies and on twins "
+                             "(default 1.0)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
@@ -61,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def study_config(args: argparse.Namespace) -> OODConfig:
     cfg = load_config(OODConfig, args.config) if args.config else OODConfig()
     updates = {k: getattr(args, k) for k in ("held_out", "shards", "out", "held_out_split", "id_split", "bootstrap",
-                                             "seed", "batch_size", "device") if getattr(args, k) is not None}
+                                             "seed", "batch_size", "device", "twin_radius_arcsec") if getattr(args, k) is not None}
     if args.runs:
         pairs = [r.split("=", 1) for r in args.runs]
         if any(len(p) != 2 or not p[0] for p in pairs):
@@ -85,13 +90,20 @@ def _questions(labels, features: list[str]) -> dict[str, list[str]]:
     return {q: [f for f in fs if f in features] for q, fs in labels.questions.items() if any(f in features for f in fs)}
 
 
-def held_out_scores(cfg: OODConfig, files: dict[str, Path]) -> dict:
+def held_out_scores(cfg: OODConfig, files: dict[str, Path], training: dict[str, list[str]]) -> dict:
+    """Every run's held-out metrics on the galaxies all runs predicted, and the same on "new" galaxies (no twin in
+    any of the run's training surveys' train splits) and on "twin" ones, with the paired run differences."""
     labels = read_labels(Path(cfg.shards), cfg.held_out)
     preds = {name: read_predictions(path) for name, path in files.items()}
     labelled = {c for c in labels.frame.columns if labels.frame[c].dtype.kind == "f" and labels.frame[c].notna().any()}
     features, dropped = common_features(preds, set(labels.frame.columns), labelled)
     aligned = {name: align(p.frame, features, labels, str(files[name])) for name, p in preds.items()}
     keys = sorted(set.intersection(*(set(a.keys) for a in aligned.values())))
+    found: dict[tuple, set[str]] = {}
+    for name, surveys in training.items():
+        if tuple(surveys) not in found:
+            found[tuple(surveys)] = twins.twin_keys(Path(cfg.shards), cfg.held_out, surveys, cfg.twin_radius_arcsec)
+    twin_sets = {name: found[tuple(surveys)] for name, surveys in training.items()}
     rows = {}
     for name, a in aligned.items():
         position = {k: i for i, k in enumerate(a.keys)}
@@ -99,21 +111,31 @@ def held_out_scores(cfg: OODConfig, files: dict[str, Path]) -> dict:
     arrays = {name: a.pred[rows[name]] for name, a in aligned.items()}
     first = next(iter(aligned))
     target = aligned[first].target[rows[first]]
-    mask = np.isfinite(target)
+    # The labels' own mask (answers with enough votes), as in-distribution scores use: the drop compares like with like.
+    mask = np.logical_and.reduce([a.mask[rows[name]] for name, a in aligned.items()])
     questions = _questions(labels, features)
     runs = {}
     for name, pred in arrays.items():
         table = m.feature_table(pred, target, mask, features, num_resamples=cfg.bootstrap, seed=cfg.seed,
                                 groups=questions, metrics=METRICS)
+        rows_by_twin = twins.subset_rows(keys, twin_sets[name])
         runs[name] = {"n": len(keys), "mean": table["mean"], "questions": table["groups"],
                       "features": {f: {k: v for k, v in r.items() if k in ("n", "r", "r_ci")}
                                    for f, r in table["features"].items()},
+                      "subsets": twins.subset_scores(pred, target, mask, features, rows_by_twin, cfg.bootstrap,
+                                                     cfg.seed),
                       "_point": table["feature_point"]["r"], "_samples": table["feature_samples"]["r"]}
     columns = {q: [features.index(f) for f in fs] for q, fs in questions.items()}
     names = list(arrays)
     diffs = m.paired_differences([arrays[n] for n in names], target, mask, num_resamples=cfg.bootstrap, seed=cfg.seed,
                                  metrics=METRICS, groups=columns)
-    pairs = [{"a": names[j], "b": names[i], **_flip(d)} for (i, j), d in diffs.items()]
+    pairs = []
+    for (i, j), d in diffs.items():
+        # "new" to both runs, and a twin for either: the galaxies on which the comparison is fair to each.
+        rows_by_twin = twins.subset_rows(keys, twin_sets[names[i]] | twin_sets[names[j]])
+        pairs.append({"a": names[j], "b": names[i], **_flip(d),
+                      "subsets": twins.subset_differences(arrays[names[j]], arrays[names[i]], target, mask,
+                                                          rows_by_twin, cfg.bootstrap, cfg.seed)})
     return {"features": features, "dropped": {k: sorted(v) for k, v in dropped.items()}, "runs": runs,
             "pairs": pairs, "questions": list(questions), "n": len(keys)}
 
@@ -178,7 +200,8 @@ def run_study(cfg: OODConfig, quiet: bool = False, log=print) -> dict:
         held[name] = predictions(cfg, name, cfg.runs[name], cfg.held_out, cfg.held_out_split, quiet)
     result = {"held_out": cfg.held_out, "shards": cfg.shards, "held_out_split": cfg.held_out_split,
               "id_split": cfg.id_split, "bootstrap": cfg.bootstrap, "seed": cfg.seed,
-              **held_out_scores(cfg, held)}
+              "twin_radius_arcsec": cfg.twin_radius_arcsec,
+              **held_out_scores(cfg, held, {n: s.training_surveys for n, s in sources_by_run.items()})}
     for name, source in sources_by_run.items():
         run = result["runs"][name]
         files = {s: predictions(cfg, name, cfg.runs[name], s, cfg.id_split, quiet) for s in source.training_surveys}
@@ -219,13 +242,26 @@ def format_study(result: dict) -> str:
                      f"{cell(run['drop']['r'], run['drop']['r_ci']):<24}")
     lines.append("ID r: the mean over a run's training surveys of each survey's own r (never pooled); drop: ID minus "
                  "held-out r on the features both define")
+    lines.append(f"held-out r on new galaxies (no twin within {result.get('twin_radius_arcsec', 1.0):g} arcsec in the "
+                 f"run's training surveys' train splits) and on those with one:")
+    for name, run in result["runs"].items():
+        lines.append(f"  {name:<14}" + "   ".join(f"{k} {_subset_cell(run['subsets'][k])}" for k in twins.SUBSETS))
     for pair in result["pairs"]:
         lines.append(f"{pair['a']} - {pair['b']} on {result['held_out']}: r {cell(pair['r']['diff'], pair['r']['ci'])}"
                      f" (P(>0) {pair['r']['p_gt0']:.2f}), MAE {cell(pair['mae']['diff'], pair['mae']['ci'])}")
+        for k in twins.SUBSETS:
+            sub = pair["subsets"][k]
+            value = cell(sub["diff"], sub["ci"]) if sub["diff"] is not None else "-"
+            lines.append(f"    on {k} galaxies (n={sub['n']}): r {value}")
         for q in result["questions"]:
             g = pair["groups"][q]["r"]
             lines.append(f"    {q:<28} {cell(g['diff'], g['ci'])}")
     return "\n".join(lines)
+
+
+def _subset_cell(sub: dict) -> str:
+    value = cell(sub["r"], sub["r_ci"]) if sub["r"] is not None else "-"
+    return f"(n={sub['n']}) {value}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -248,6 +248,11 @@ def print_summary(manifest: dict, rejects: pd.DataFrame, seconds: float, out_dir
     print(f"  splits by a hash of {by}:")
     for split, info in manifest["splits"].items():
         print(f"  {split:>6}: {info['num_samples']:>7} samples, {info['num_shards']:>4} shards")
+    empty = [s for s, info in manifest["splits"].items() if not info["num_samples"]]
+    if empty and manifest["num_samples"]:
+        print(f"warning: split(s) {empty} of {manifest['survey']} are empty: whole sky cells go to one split, so a "
+              "small or compact survey's splits vary; use a smaller --sky-cell-deg, more galaxies, or --split-by id",
+              file=sys.stderr)
     if len(rejects):
         print(f"  rejected {len(rejects)} input(s) (see {out_dir / 'rejects.parquet'}):")
         for (stage, reason), n in sorted(Counter(zip(rejects["stage"], rejects["reason"])).items()):

@@ -23,7 +23,7 @@ def make_shard_root(raw_root: Path, shard_root: Path) -> None:
     for survey, num in SURVEYS.items():
         raw = raw_root / survey
         corrupt = "0.15" if survey == "ukidss" else "0"
-        assert mock_main(["--survey", survey, "--num-galaxies", str(num), "--out", str(raw), "--seed", "11",
+        assert mock_main(["--survey", survey, "--num-galaxies", str(num), "--out", str(raw), "--seed", "3",
                           "--corrupt-fraction", corrupt, "--no-progress"]) == 0
         catalog = raw / Path(load_survey(survey).catalog).name
         assert build.main(["--survey", survey, "--catalog", str(catalog), "--images", str(raw / "images"),

@@ -29,9 +29,10 @@ def preds26(eval_shards, eval_exports, tmp_path_factory):
     return path
 
 
-def _feature_r(path: str, root, survey: str, features: list[str]) -> dict[str, float]:
+def _feature_r(path: str, root, survey: str, features: list[str], keys=None) -> dict[str, float]:
     """Pearson r per feature from a prediction file and labels.parquet, on labels whose question got >= 2 votes."""
     pred = pd.read_parquet(path).set_index("key")
+    pred = pred if keys is None else pred.loc[sorted(set(pred.index) & set(keys))]
     labels = pd.read_parquet(root / survey / "labels.parquet").set_index("key").loc[pred.index]
     question_of = {f.name: q.name for q in load_schema().questions for f in q.features}
     out = {}
@@ -108,8 +109,20 @@ def test_compare_predicts_a_retrained_model_and_another_split_anew(eval_shards, 
     assert again["models"]["run"]["mean"]["mae"] == pytest.approx(again["models"]["sdss_only"]["mean"]["mae"])
 
 
+def _truth_twins(raw, root, held: str, surveys: list[str]) -> set[str]:
+    """Held-out keys whose galaxy (the mock's sky_id, not a positional match) is in a training survey's train split."""
+    def keyed(survey):
+        truth = pd.read_parquet(raw / survey / "truth.parquet")
+        labels = pd.read_parquet(root / survey / "labels.parquet", columns=["key", "object_id", "split"])
+        truth["object_id"] = truth["catalog_id"].astype(str).str.strip()
+        return truth.merge(labels, on="object_id")
+    trained = set().union(*(set(keyed(s).query("split == 'train'")["sky_id"]) for s in surveys))
+    held_frame = keyed(held)
+    return set(held_frame.loc[held_frame["sky_id"].isin(trained), "key"])
+
+
 def test_ood_study_table_gain_plot_and_held_out_check(eval_shards, eval_exports, tmp_path, capsys):
-    _, root = eval_shards
+    raw, root = eval_shards
     config = tmp_path / "study.yaml"
     config.write_text(f"runs: {{sdss_only: {eval_exports['sdss_only']}, mixed: {eval_exports['mixed']}}}\n"
                       f"held_out: ukidss\nshards: {root}\nout: {tmp_path / 'ood'}\nbootstrap: 100\nbatch_size: 16\n")
@@ -137,7 +150,20 @@ def test_ood_study_table_gain_plot_and_held_out_check(eval_shards, eval_exports,
         both = [f for f in result["features"] if np.isfinite(ind[f]) and np.isfinite(held[f])]
         drops.append(np.mean([ind[f] - held[f] for f in both]) if both else np.nan)
     assert mixed["drop"]["r"] == pytest.approx(np.nanmean(drops), abs=1e-9)
+    # New galaxies (no twin in a training survey's train split) and twins: counted against the mock's truth.
+    all_keys = pd.read_parquet(root / "ukidss" / "labels.parquet", columns=["key"])["key"]
+    for run in result["runs"].values():
+        twins = _truth_twins(raw, root, "ukidss", run["training_surveys"])
+        assert run["subsets"]["twin"]["n"] == len(twins) and run["subsets"]["new"]["n"] == result["n"] - len(twins)
+    twins = _truth_twins(raw, root, "ukidss", mixed["training_surveys"])
+    assert len(twins) >= 1
+    new_r = _feature_r(mixed["preds"]["ukidss"], root, "ukidss", result["features"], set(all_keys) - twins)
+    all_r = _feature_r(mixed["preds"]["ukidss"], root, "ukidss", result["features"])
+    assert mixed["mean"]["r"] == pytest.approx(np.nanmean(list(all_r.values())), abs=1e-6)  # same votes rule as ID
+    assert mixed["subsets"]["new"]["r"] == pytest.approx(np.nanmean(list(new_r.values())), abs=1e-6)
+    assert "held-out r on new galaxies" in capsys.readouterr().out
     pair = result["pairs"][0]
+    assert pair["subsets"]["new"]["n"] == result["n"] - len(twins)  # sdss_only's twins are a subset of mixed's
     assert (pair["a"], pair["b"]) == ("mixed", "sdss_only")
     assert pair["r"]["diff"] == pytest.approx(mixed["mean"]["r"] - result["runs"]["sdss_only"]["mean"]["r"], abs=1e-9)
     assert (tmp_path / "ood" / "gain.png").read_bytes()[:4] == b"\x89PNG"
