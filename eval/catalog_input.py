@@ -11,11 +11,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 from sharding import images as sharding_images, render
-from sharding.catalog import make_key, normalise_ids, parse_splits, read_catalog, split_of
+from sharding.catalog import make_key, normalise_ids, parse_splits, read_catalog
 from sharding.registry import SurveyConfig, load_survey
+from sharding.sky import DEFAULT_NSIDE, assign_splits, split_rule
 
 DEFAULT_SPLITS = "train=0.8,val=0.1,test=0.1"  # sharding.build's default, so split labels agree with shards
+DEFAULT_RULE = split_rule("sky", DEFAULT_NSIDE)  # and its default rule: sky cells
 REJECT_COLUMNS = ["row", "object_id", "reason", "detail", "file"]
 
 
@@ -48,12 +53,14 @@ def catalog_rows(catalog: str | Path, survey: SurveyConfig, splits: str = DEFAUL
                          f"id_column); its columns are {list(df.columns)[:12]}")
     ids = normalise_ids(df[survey.id_column]).reset_index(drop=True)
     locs = df["file_loc"].astype(str).tolist() if "file_loc" in df.columns else [None] * len(df)
-    split_fractions = parse_splits(splits)
+    positions = [pd.to_numeric(df[c], errors="coerce").to_numpy() if c in df.columns else np.full(len(df), np.nan)
+                 for c in (survey.ra_column, survey.dec_column)]
+    assigned = assign_splits(ids, *positions, parse_splits(splits), DEFAULT_RULE)  # "" without a position
     first: dict[str, int] = {}
     rows = []
-    for i, (oid, loc) in enumerate(zip(ids, locs)):
+    for i, (oid, loc, split) in enumerate(zip(ids, locs, assigned)):
         key = make_key(survey.name, oid)
-        rows.append(CatalogRow(i, oid, key, split_of(oid, split_fractions), loc, first.get(key)))
+        rows.append(CatalogRow(i, oid, key, split, loc, first.get(key)))
         first.setdefault(key, i)
     return rows
 

@@ -88,8 +88,8 @@ def make_shards(out: Path, num_galaxies: int, args: argparse.Namespace) -> Path:
                        "--images", str(raw / "images"), "--out", str(shards), "--workers", str(args.workers),
                        "--no-progress"]):
             raise RuntimeError(f"sharding {name} failed")
-    _step(f"verify {shards}")
-    if verify.main([str(shards)]):
+    _step(f"verify {shards}, and that no galaxy is in one split in one survey and another split in another")
+    if verify.main([str(shards), "--across", str(shards)]):
         raise RuntimeError(f"{shards} failed verification")
     return shards
 
@@ -162,10 +162,25 @@ def print_table(study: dict) -> None:
         ind = run["in_distribution"]["surveys"]
         row = "".join(f"{cell(ind[c]['mean']) if c in ind else '-':>26}" for c in columns)
         print(f"{name:<11}{row}{cell(run['mean']):>28}")
+    print(f"\n{HELD_OUT} (held out) split by whether the galaxy has a twin (within {study['twin_radius_arcsec']:g} "
+          f"arcsec) in the run's training surveys' train splits")
+    print(f"{'run':<11}{'new galaxies':>34}{'with a training twin':>34}")
+    for name, run in study["runs"].items():
+        print(f"{name:<11}" + "".join(f"{_subset(run['subsets'][k]):>34}" for k in ("new", "twin")))
     for pair in study["pairs"]:
         r = pair["r"]
         print(f"{pair['a']} - {pair['b']} on {HELD_OUT}: r {r['diff']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] "
               f"(paired bootstrap; P(> 0) = {r['p_gt0']:.2f})")
+        new = pair["subsets"]["new"]
+        if new["diff"] is not None:
+            print(f"  on the {new['n']} new galaxies: r {new['diff']:+.3f} [{new['ci'][0]:+.3f}, {new['ci'][1]:+.3f}]"
+                  f" (P(> 0) = {new['p_gt0']:.2f})")
+
+
+def _subset(sub: dict) -> str:
+    if sub["r"] is None:
+        return f"n={sub['n']}, too few"
+    return f"{sub['r']:.3f} [{sub['r_ci'][0]:.3f}, {sub['r_ci'][1]:.3f}] n={sub['n']}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,5 +29,11 @@ def test_quick_demo_runs_the_study_and_the_trained_model_beats_the_untrained_one
     trained, untrained = ood["runs"]["mixed"]["mean"], ood["runs"]["untrained"]["mean"]
     # Training must have taught the model something that carries to a survey it never saw.
     assert trained["r_ci"][0] > untrained["r_ci"][1], (trained, untrained)
+    # One sky: UKIDSS galaxies with an SDSS twin exist, twins share splits, and the table separates new galaxies.
+    assert "sdss - ukidss" in printed and "FAIL" not in printed.split("verify")[-1].split("===")[0]
+    for run in ood["runs"].values():
+        subsets = run["subsets"]
+        assert subsets["new"]["n"] + subsets["twin"]["n"] == held and subsets["twin"]["n"] > 0
+    assert "new galaxies" in printed and "with a training twin" in printed
     rejects = json.loads((out / "shards" / "sdss" / "manifest.json").read_text())["num_rejects"]
     assert rejects > 0  # the deliberately corrupt inputs were recorded, not lost
