@@ -70,7 +70,7 @@ def test_a_resumed_prediction_continues_after_the_lost_samples(damaged, eval_exp
         written.append(a[:2])
         return original(self, *a, **k)
 
-    for name, extra in (("resumed", []), ("strict", ["--max-error-rate", "0.1", "--error-min-reads", "25"])):
+    for name, extra in (("resumed", []), ("strict", ["--max-error-rate", "0.09", "--error-min-reads", "25"])):
         written.clear()
         monkeypatch.setattr(PartStore, "write", dies_after_two)  # killed after the part holding the lost samples
         with pytest.raises(KeyboardInterrupt):
@@ -78,10 +78,10 @@ def test_a_resumed_prediction_continues_after_the_lost_samples(damaged, eval_exp
         monkeypatch.setattr(PartStore, "write", original)
         status = _predict(eval_exports["mixed"], damaged, tmp_path / f"{name}.parquet", *args, *extra)
         # The resumed job counts the earlier parts' rejects: it stops where an uninterrupted job with these limits
-        # stops (after 28 reads, 3 of them lost), though it read nothing unreadable itself.
+        # stops (after all 30 reads, 3 of them lost: 10% > 9%), though it read nothing unreadable itself.
         assert status == (2 if extra else 0)
     assert _predict(eval_exports["mixed"], damaged, tmp_path / "strict_whole.parquet", *args,
-                    "--max-error-rate", "0.1", "--error-min-reads", "25") == 2
+                    "--max-error-rate", "0.09", "--error-min-reads", "25") == 2
     assert (tmp_path / "resumed.parquet").read_bytes() == (tmp_path / "whole.parquet").read_bytes()
     whole, resumed = (pd.read_parquet(tmp_path / f"{n}.rejects.parquet") for n in ("whole", "resumed"))
     assert sorted(resumed["key"]) == _unreadable(damaged, "train") and resumed.equals(whole)
