@@ -11,6 +11,8 @@ JOBS = {
     "compare": ("eval.compare", "compare models on the features they share by NAME, with paired intervals"),
     "ood": ("eval.ood", "the held-out-survey study: several runs on a survey none of them saw"),
     "robustness": ("eval.robustness", "metrics and prediction shifts under resolution, noise, blur, rotation"),
+    "match": ("eval.match", "cross-match surveys by position: one-to-one nearest partners within a radius"),
+    "agree": ("eval.agree", "does the model agree with itself on the same galaxy in two surveys, vs volunteers?"),
     "neighbors": ("eval.neighbors", "most similar galaxies by embedding (cosine), with a contact sheet"),
     "report": ("eval.report", "one self-contained HTML report from the JSON outputs"),
 }

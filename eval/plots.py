@@ -51,6 +51,30 @@ def feature_bars(surveys: dict[str, dict]) -> bytes:
     return _png(fig)
 
 
+def agreement_bars(survey_pairs: dict[str, dict]) -> bytes:
+    """Cross-survey agreement per feature, one panel per survey pair: r between the model's predictions for the two
+    copies of each galaxy next to r between the two surveys' volunteer fractions, with 95% intervals."""
+    num_features = max((len(p["features"]) for p in survey_pairs.values()), default=1)
+    panels = max(len(survey_pairs), 1)
+    fig, axes = plt.subplots(panels, 1, squeeze=False, figsize=(max(8, 0.42 * num_features), 3.6 * panels))
+    for ax, (label, res) in zip(axes[:, 0], survey_pairs.items()):
+        names = list(res["features"])
+        x = np.arange(len(names))
+        for i, side in enumerate(("model", "volunteers")):
+            rows = [res["features"][n][side] for n in names]
+            r = [row["r"] for row in rows]
+            ax.bar(x - 0.2 + 0.4 * i, np.nan_to_num(r), 0.4, yerr=_errors(r, [row["r_ci"] for row in rows]),
+                   capsize=1.5, color=COLOURS[i], label=side, error_kw={"lw": 0.7})
+        ax.set_xticks(x, names, rotation=75, ha="right", fontsize=7)
+        ax.set_ylabel("Pearson r")
+        ax.axhline(0, color="0.6", lw=0.6)
+        ax.set_ylim(min(-0.2, ax.get_ylim()[0]), 1.0)
+        ax.legend(fontsize=7)
+        ax.set_title(f"{label}: the same galaxy in both surveys (bars: 95% bootstrap interval over pairs)", fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def hexbins(panels: list[tuple[str, np.ndarray, np.ndarray]]) -> bytes:
     """Predicted vs volunteer fraction, one hexbin panel per question (its answers pooled)."""
     cols = 3

@@ -18,7 +18,9 @@ from eval.labels import align, read_labels, read_predictions
 EXAMPLES = """examples:
   python -m eval report ukidss_metrics.json --out report.html
   python -m eval report metrics.json reports/ood/ood.json reports/robust/robustness.json compare.json --out report.html
-Inputs are the JSON files of `eval metrics`, `eval compare`, `eval ood` and `eval robustness`, in any order."""
+  python -m eval report metrics.json agree.json --out report.html
+Inputs are the JSON files of `eval metrics`, `eval compare`, `eval ood`, `eval robustness` and `eval agree`, in any
+order."""
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1150px;color:#222}
 table{border-collapse:collapse;margin:.6em 0;font-size:.85em}td,th{border:1px solid #ccc;padding:.25em .5em;
 text-align:right}th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}img{max-width:100%}
@@ -32,14 +34,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Build one self-contained HTML report (no network, no server: every plot is an embedded PNG) "
                     "from evaluation JSON outputs: summary tables, per-feature r against the noise ceiling, "
                     "predicted vs true per question, the worst-predicted galaxies, model comparisons, the "
-                    "held-out-survey gain plot, robustness curves and calibration.")
-    parser.add_argument("inputs", nargs="+", help="JSON files from eval metrics / compare / ood / robustness")
+                    "held-out-survey gain plot, robustness curves, calibration and cross-survey agreement.")
+    parser.add_argument("inputs", nargs="+", help="JSON files from eval metrics / compare / ood / robustness / agree")
     parser.add_argument("--out", default="report.html", help="the HTML file to write")
     parser.add_argument("--worst", type=int, default=12, help="worst-predicted galaxies shown per survey")
     return parser.parse_args(argv)
 
 
 def kind_of(data: dict) -> str:
+    if data.get("kind") == "agree":
+        return "agree"
     if "kinds" in data:
         return "robustness"
     if "held_out" in data and "runs" in data:
@@ -48,7 +52,7 @@ def kind_of(data: dict) -> str:
         return "compare"
     if "surveys" in data and "predictions" in data:
         return "metrics"
-    raise ValueError("not an output of eval metrics, compare, ood or robustness")
+    raise ValueError("not an output of eval metrics, compare, ood, robustness or agree")
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -204,8 +208,41 @@ def robustness_section(data: dict) -> str:
     return "\n".join(parts)
 
 
+def agree_section(data: dict) -> str:
+    radius = data.get("radius_arcsec")
+    parts = ["<h2>Cross-survey agreement: the same galaxy in two surveys</h2>",
+             "<p>Pearson r between the model's predictions for a galaxy's two copies, next to r between the two "
+             "surveys' volunteer fractions, on the same pairs (both surveys have the answer from at least 2 votes; "
+             "pairs: one-to-one nearest partners" + (f" within {radius:g} arcsec" if radius else "") + "); "
+             "intervals resample pairs, the same resamples for both, so the difference is paired.</p>"]
+    rows = [[html.escape(label), f"{res['n_predicted']} / {res['n_pairs']}",
+             _num(res["mean"]["model"]["r"], res["mean"]["model"]["r_ci"]),
+             _num(res["mean"]["volunteers"]["r"], res["mean"]["volunteers"]["r_ci"]),
+             _num(res["mean"]["difference"]["diff"], res["mean"]["difference"]["ci"]),
+             str(res["mean"]["model"]["num_features"])] for label, res in data["survey_pairs"].items()]
+    parts.append(_table(["survey pair", "pairs predicted", "model mean r [95% CI]", "volunteers mean r",
+                         "model - volunteers", "features"], rows))
+    if data["survey_pairs"]:
+        parts.append(_img(plots.agreement_bars(data["survey_pairs"]), "cross-survey agreement"))
+    for label, res in data["survey_pairs"].items():
+        feature_rows = [[html.escape(name), str(f["model"]["n"]), _num(f["model"]["r"], f["model"]["r_ci"]),
+                         _num(f["volunteers"]["r"], f["volunteers"]["r_ci"]),
+                         _num(f["difference"]["diff"], f["difference"]["ci"]), str(f["model_all_pairs"]["n"]),
+                         _num(f["model_all_pairs"]["r"])] for name, f in res["features"].items()]
+        skipped = "".join(f"<p class=note>skipped {html.escape(n)}: {html.escape(why)}</p>"
+                          for n, why in res["skipped"].items())
+        parts.append(f"<details><summary>{html.escape(label)}: every feature</summary>"
+                     + _table(["feature", "pairs", "model r [95% CI]", "volunteers r", "model - volunteers",
+                               "all predicted pairs", "model r on all"], feature_rows) + skipped + "</details>")
+    parts += [f"<p class=note>survey pair {html.escape(label)} skipped: {html.escape(why)}.</p>"
+              for label, why in data.get("skipped_survey_pairs", {}).items()]
+    if data.get("note"):
+        parts.append(f"<p class=note>{html.escape(data['note'])}.</p>")
+    return "\n".join(parts)
+
+
 SECTIONS = {"metrics": metrics_section, "compare": compare_section, "ood": ood_section,
-            "robustness": robustness_section}
+            "robustness": robustness_section, "agree": agree_section}
 
 
 def build_report(paths: list[str], worst: int = 12) -> str:

@@ -76,25 +76,36 @@ def assign_splits(object_ids: pd.Series, ra, dec, splits: dict[str, float], rule
     return pd.Series([by_cell.get(c, "") for c in cells.tolist()], index=object_ids.index, dtype=object)
 
 
+def valid_positions(ra, dec) -> np.ndarray:
+    """Rows whose position can be matched: finite, and a declination on the sphere."""
+    ra, dec = np.asarray(ra, np.float64), np.asarray(dec, np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(ra) & np.isfinite(dec) & (np.abs(dec) <= 90.0)
+
+
 def match_positions(ra1, dec1, ra2, dec2, radius_arcsec: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One-to-one cross-match: pairs (i in 1, j in 2) that are each other's nearest partner within the radius.
+    """One-to-one cross-match of two position lists in degrees: (idx1, idx2, sep_arcsec) of the pairs that are each
+    other's nearest partner within the radius, sorted by idx1.
 
     astropy's search_around_sky finds every pair within the radius; a galaxy then keeps only its nearest, and a pair
-    stands when that choice is mutual, so a galaxy is never paired twice with the same survey."""
+    stands when that choice is mutual, so a galaxy is never paired twice with the same survey. Rows without a valid
+    position never match (astropy refuses NaN, so they are set aside and the indices mapped back)."""
     from astropy.coordinates import SkyCoord, search_around_sky
 
     if not radius_arcsec > 0:
         raise ValueError(f"match radius must be > 0 arcsec, got {radius_arcsec}")
+    ra1, dec1 = np.asarray(ra1, np.float64), np.asarray(dec1, np.float64)
+    ra2, dec2 = np.asarray(ra2, np.float64), np.asarray(dec2, np.float64)
+    ok1, ok2 = np.flatnonzero(valid_positions(ra1, dec1)), np.flatnonzero(valid_positions(ra2, dec2))
     empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0))
-    if len(ra1) == 0 or len(ra2) == 0:
+    if len(ok1) == 0 or len(ok2) == 0:
         return empty
-    one = SkyCoord(np.asarray(ra1, dtype=float) * u.deg, np.asarray(dec1, dtype=float) * u.deg)
-    two = SkyCoord(np.asarray(ra2, dtype=float) * u.deg, np.asarray(dec2, dtype=float) * u.deg)
+    one = SkyCoord(ra1[ok1] * u.deg, dec1[ok1] * u.deg)
+    two = SkyCoord(ra2[ok2] * u.deg, dec2[ok2] * u.deg)
     i1, i2, sep, _ = search_around_sky(one, two, radius_arcsec * u.arcsec)
     if len(i1) == 0:
         return empty
     pairs = pd.DataFrame({"i1": i1, "i2": i2, "sep": sep.to_value(u.arcsec)}).sort_values(["sep", "i1", "i2"])
-    nearest1 = pairs.drop_duplicates("i1")
-    nearest2 = pairs.drop_duplicates("i2")
-    mutual = nearest1.merge(nearest2, on=["i1", "i2", "sep"]).sort_values(["i1"])
-    return mutual["i1"].to_numpy(np.int64), mutual["i2"].to_numpy(np.int64), mutual["sep"].to_numpy()
+    mutual = pairs.drop_duplicates("i1").merge(pairs.drop_duplicates("i2"), on=["i1", "i2", "sep"])
+    mutual = mutual.sort_values("i1")
+    return ok1[mutual["i1"].to_numpy(np.int64)], ok2[mutual["i2"].to_numpy(np.int64)], mutual["sep"].to_numpy()
