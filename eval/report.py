@@ -166,11 +166,15 @@ def ood_section(data: dict) -> str:
     rows = []
     for name, run in data["runs"].items():
         ind = run["in_distribution"]["mean"]
+        subsets = run.get("subsets", {})  # absent in studies made before twin-aware scores
         rows.append([html.escape(name), html.escape("+".join(run["training_surveys"])), _num(ind["r"], ind["r_ci"]),
-                     _num(run["mean"]["r"], run["mean"]["r_ci"]), _num(run["mean"]["r2"], run["mean"]["r2_ci"]),
+                     _num(run["mean"]["r"], run["mean"]["r_ci"]),
+                     *(_subset(subsets.get(k), "r", "r_ci") for k in ("new", "twin")),
+                     _num(run["mean"]["r2"], run["mean"]["r2_ci"]),
                      _num(run["mean"]["mae"], run["mean"]["mae_ci"]), _num(run["drop"]["r"], run["drop"]["r_ci"])])
     pairs = [[html.escape(f"{p['a']} - {p['b']}"), _num(p["r"]["diff"], p["r"]["ci"]), f"{p['r']['p_gt0']:.2f}",
-              _num(p["mae"]["diff"], p["mae"]["ci"])] for p in data["pairs"]]
+              _subset(p.get("subsets", {}).get("new"), "diff", "ci"), _num(p["mae"]["diff"], p["mae"]["ci"])]
+             for p in data["pairs"]]
     question_rows = [[html.escape(q)] + [_num(run["questions"][q]["r"], run["questions"][q]["r_ci"])
                                          for run in data["runs"].values()] for q in data["questions"]]
     gains = {f"{p['a']} - {p['b']}": ([p["groups"][q]["r"]["diff"] for q in data["questions"]],
@@ -179,14 +183,24 @@ def ood_section(data: dict) -> str:
              f"<p>{data['n']} galaxies of {html.escape(data['held_out'])} ({html.escape(data['held_out_split'])}), "
              f"which no run trained on; in-distribution r: the mean over each run's training surveys of its r on "
              f"that survey's {html.escape(data['id_split'])} split (never pooled across surveys); drop: "
-             "in-distribution minus held-out r on the features both define.</p>",
-             _table(["run", "trained on", "in-distribution r", "held-out r [95% CI]", "R^2", "MAE", "drop in r"], rows),
-             _table(["pair (paired bootstrap)", "difference in r", "P(difference > 0)", "difference in MAE"], pairs),
+             "in-distribution minus held-out r on the features both define; new galaxies: held-out galaxies with no "
+             f"twin within {data.get('twin_radius_arcsec', 1.0):g} arcsec in the run's training surveys' train "
+             "splits (for a pair: new to both runs), twins: the others.</p>",
+             _table(["run", "trained on", "in-distribution r", "held-out r [95% CI]", "new galaxies", "twins", "R^2",
+                     "MAE", "drop in r"], rows),
+             _table(["pair (paired bootstrap)", "difference in r", "P(difference > 0)", "on new galaxies",
+                     "difference in MAE"], pairs),
              _table(["question"] + list(data["runs"]), question_rows)]
     if gains:
         parts.append(_img(plots.gain_plot(data["questions"], gains, f"per-question gain in r on {data['held_out']}"),
                           "per-question gain"))
     return "\n".join(parts)
+
+
+def _subset(sub: dict | None, value: str, ci: str) -> str:
+    if not sub:
+        return "-"
+    return f"{_num(sub[value], sub[ci]) if sub[value] is not None else 'too few'} (n={sub['n']})"
 
 
 def robustness_section(data: dict) -> str:

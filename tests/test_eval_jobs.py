@@ -294,6 +294,8 @@ def test_report_renders_in_headless_chromium(preds26, eval_shards, eval_exports,
     assert report.main([*map(str, inputs), "--out", str(tmp_path / "report.html"), "--worst", "6"]) == 0
     page = (tmp_path / "report.html").read_text()
     assert "http://" not in page and "https://" not in page  # self-contained: nothing to fetch
+    study = json.loads((tmp_path / "ood" / "ood.json").read_text())
+    assert "<th>new galaxies</th>" in page and f"(n={study['runs']['a']['subsets']['new']['n']})" in page
     alts = re.findall(r'<img alt="([^"]+)"', page)
     assert alts == ["r per feature", "ukidss predicted vs true", "ukidss worst galaxies", "per-question gain",
                     "robustness curves"]
