@@ -131,6 +131,7 @@ def evaluate(runs: dict[str, Path], shards: Path, out: Path, bootstrap: int, rob
                         out=str(out / "eval" / "ood"), bootstrap=bootstrap)
     study = ood.run_study(cfg, quiet=True)
     (out / "eval" / "ood" / "ood.json").write_text(json.dumps(study, indent=2) + "\n")
+    agreement = agree_step(study, shards, out, bootstrap)
     _step("eval metrics, robustness and the report")
     reports = []
     for name in ("mixed", "sdss_only"):
@@ -147,9 +148,25 @@ def evaluate(runs: dict[str, Path], shards: Path, out: Path, bootstrap: int, rob
     robust["plots"] = robustness.write_plots(robust, robust_dir)
     score.write_json(robust, str(robust_dir / "robustness.json"))
     page = out / "report.html"
-    page.write_text(report.build_report([str(p) for p in [out / "eval" / "ood" / "ood.json", *reports,
+    page.write_text(report.build_report([str(p) for p in [out / "eval" / "ood" / "ood.json", *reports, agreement,
                                                           robust_dir / "robustness.json"]]))
     return study
+
+
+def agree_step(study: dict, shards: Path, out: Path, bootstrap: int) -> Path:
+    """The mixed model's answers for the same galaxy in two surveys, on galaxies it never trained on in any survey:
+    SDSS and DECaLS test splits (sky splits keep twins together) and all of UKIDSS."""
+    from eval import agree, match
+
+    _step("eval match and agree: does the mixed model give a galaxy the same answers in SDSS, DECaLS and UKIDSS?")
+    pairs, result = out / "eval" / "pairs.parquet", out / "eval" / "agree.json"
+    if match.main(["--shards", str(shards), "--surveys", f"sdss,decals,{HELD_OUT}", "--out", str(pairs)]):
+        raise RuntimeError("eval match failed")
+    preds = study["runs"]["mixed"]["preds"]
+    if agree.main(["--pairs", str(pairs), "--predictions", preds["sdss"], preds["decals"], preds[HELD_OUT],
+                   "--out", str(result), "--plot", str(out / "eval" / "agree.png"), "--bootstrap", str(bootstrap)]):
+        raise RuntimeError("eval agree failed")
+    return result
 
 
 def print_table(study: dict) -> None:

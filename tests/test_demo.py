@@ -35,5 +35,7 @@ def test_quick_demo_runs_the_study_and_the_trained_model_beats_the_untrained_one
         subsets = run["subsets"]
         assert subsets["new"]["n"] + subsets["twin"]["n"] == held and subsets["twin"]["n"] > 0
     assert "new galaxies" in printed and "with a training twin" in printed
+    agreement = json.loads((out / "eval" / "agree.json").read_text())
+    assert "sdss-decals" in agreement["survey_pairs"]  # twins in both test splits, predicted on both sides
     rejects = json.loads((out / "shards" / "sdss" / "manifest.json").read_text())["num_rejects"]
     assert rejects > 0  # the deliberately corrupt inputs were recorded, not lost
