@@ -207,7 +207,8 @@ def robustness_section(data: dict) -> str:
     parts = [f"<h2>Robustness on {html.escape(data['survey'])} ({data['n']} galaxies)</h2>",
              _model_line(data.get("model", {})),
              f"<p class=note>Perturbations act on the rendered images ({data['arcsec_per_px']:.3f} arcsec per pixel) "
-             "before the model's resize; shift is the mean absolute change of the predicted fractions.</p>",
+             "before the model's resize; shift is the mean absolute change of the predicted fractions."
+             + (f" Pixels: {html.escape(data['pixels']['note'])}." if data.get("pixels") else "") + "</p>",
              _img(plots.robustness_curves(data["kinds"]), "robustness curves")]
     if data.get("calibration"):
         cal = data["calibration"]

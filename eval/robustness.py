@@ -2,7 +2,10 @@
 
 Each perturbation acts on the decoded shard image (8-bit rendering, 0..255) before the model's resize and
 normalisation: apparent size (resolution scaling), added noise at a set peak signal-to-noise, extra PSF blur
-in arcsec, rotations and flips (a morphology model should be nearly invariant to the last). With MC dropout,
+in arcsec, rotations and flips (a morphology model should be nearly invariant to the last). Where float pixels
+are at hand (the source FITS the build read, else the shards' .npy members), noise and PSF act in flux before
+the stretch instead, with sharding.flux's operations, and the image is rendered again as the build renders it;
+the JSON's "pixels" says which space each kind used and why. With MC dropout,
 the calibration of predictive intervals for each galaxy's vote counts: the model's MC spread plus the vote noise
 of that galaxy's N volunteers (binomial for an MSE model, Dirichlet-multinomial for a Dirichlet one).
 """
@@ -10,8 +13,11 @@ of that galaxy's N volunteers (binomial for an MSE model, Dirichlet-multinomial 
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +30,9 @@ from eval.labels import label_mask, read_labels
 from eval.score import cell, write_json
 from loaders.augment import antialias_sigma, gaussian_blur, warp_affine
 from loaders.loader import LoaderConfig
-from loaders.shards import load_survey_shards
+from loaders.shards import SampleReader, load_survey_shards
 from models.head import concentrations, fractions
+from sharding import flux, images, render
 from sharding.registry import load_survey
 from sharding.schema import total_votes_column, votes_column
 
@@ -39,6 +46,7 @@ SETTINGS = {
     "rotation": ["none", "rot45", "rot90", "rot180", "hflip", "vflip"],
 }
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+FLUX_KINDS = ("noise", "psf")  # the kinds that act in flux, before the stretch, where float pixels are at hand
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,6 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--native-pixels", type=int,
                         help="width in pixels of the survey's original cutouts, which the shards resampled (default: "
                              "the survey YAML's mock cutout size); sets the arcsec per shard pixel for --psf")
+    parser.add_argument("--space", choices=("auto", "8bit"), default="auto",
+                        help="auto: noise and PSF act in flux before the stretch where float pixels are at hand (the "
+                             "source FITS the build read, else .npy members from --keep-float), on the 8-bit images "
+                             "otherwise; 8bit: every perturbation on the 8-bit images")
     parser.add_argument("--mc-samples", type=int, default=0, help="MC dropout passes for the calibration curve")
     parser.add_argument("--bootstrap", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
@@ -97,6 +109,69 @@ def perturbation(kind: str, strength, arcsec_per_px: float, seed: int):
             rotate = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
             image = warp_affine(image, _about_centre(rotate, h, w), (h, w))
         return image
+    return apply
+
+
+@dataclass
+class FloatPixels:
+    """Where a split's float pixels come from, for perturbations in flux."""
+    origin: str  # "source FITS" or "npy members"
+    arcsec_per_px: float  # of those pixels
+    read: Callable[[int], np.ndarray]  # row of the split refs -> (bands, H, W) float32 fluxes
+
+
+def float_pixels(manifest: dict, info, refs: np.ndarray, labels, probe_row: int,
+                 shard_arcsec_per_px: float) -> tuple[FloatPixels | None, str]:
+    """The float pixels of the samples (source FITS if the build's images are still there, else .npy members),
+    or None; and a sentence saying which and why."""
+    build = manifest["build"]
+    images_dir = Path(build["images"])
+    has_loc = "file_loc" in labels.columns
+
+    def read_fits(row: int) -> np.ndarray:
+        label = labels.loc[info.key(int(refs[row][1]), int(refs[row][2]))]
+        paths = images.locate_images(images_dir, build["image_pattern"], str(label["object_id"]),
+                                     build["survey"]["bands"], label["file_loc"] if has_loc else None)
+        data, is_8bit = images.read_stack(paths)
+        if is_8bit:
+            raise images.ImageError("not-flux", f"{paths[0]}: an 8-bit picture, not flux")
+        return data
+
+    reason = f"the build's images ({images_dir}) are not there"
+    if images_dir.is_dir():
+        try:
+            read_fits(probe_row)
+            return FloatPixels("source FITS", manifest["survey_meta"]["pixel_scale_arcsec"], read_fits), \
+                f"noise and PSF act in flux before the stretch, on the source FITS under {images_dir}"
+        except (images.ImageError, KeyError) as err:
+            reason = f"the source images are not flux FITS ({err})"
+    if "npy" in manifest.get("members", []):
+        reader = SampleReader([info])
+
+        def read_npy(row: int) -> np.ndarray:
+            raw = reader.read(0, int(refs[row][1]), int(refs[row][2]), "npy")
+            return np.load(io.BytesIO(raw), allow_pickle=False).astype(np.float32)
+
+        return FloatPixels("npy members", shard_arcsec_per_px, read_npy), \
+            f"noise and PSF act in flux before the stretch, on the shards' float16 .npy members ({reason})"
+    return None, (f"only 8-bit images: {reason} and the shards have no .npy members (build with --keep-float), so "
+                  "every perturbation acts on the 8-bit rendering")
+
+
+def flux_perturbation(kind: str, strength, pixels: FloatPixels, image_size: int, seed: int):
+    """(image, row) -> the row's float pixels perturbed in flux (sharding.flux), rendered as the build renders them.
+
+    psf: a Gaussian of FWHM `strength` arcsec convolved in; noise: per band, Gaussian noise of sigma (peak - median)
+    / strength per float pixel. The decoded 8-bit image is not used.
+    """
+    def apply(image: torch.Tensor, row: int) -> torch.Tensor:
+        data = pixels.read(row)
+        if kind == "psf" and strength > 0:
+            data = flux.convolve_kernel(data, flux.psf_image(flux.PSF(float(strength)), pixels.arcsec_per_px))
+        elif kind == "noise" and strength > 0:
+            sigma = [(float(band.max()) - float(np.median(band))) / strength for band in data]
+            data, _ = flux.add_noise_to_depth(data, sigma, 0.0, np.random.default_rng(seed * 1_000_003 + row))
+        return torch.from_numpy(render.render_float(data, image_size).astype(np.float32))
     return apply
 
 
@@ -154,9 +229,10 @@ def calibration(model, loss: str | None, samples: np.ndarray, rows, names: list[
     return {"predictive": predictive, "num_answers": int(ok.sum()), "curve": curve}
 
 
-def rendered_scale(manifest: dict, survey: str, native_pixels: int | None) -> float:
+def rendered_scale(manifest: dict, survey: str, native_pixels: int | None,
+                   shard_root: str | Path | None = None) -> float:
     """Arcsec per shard pixel: the survey's pixel scale times the native/rendered width ratio."""
-    native = native_pixels or load_survey(survey).mock.cutout_px
+    native = native_pixels or load_survey(survey, shard_root=shard_root).mock.cutout_px
     return manifest["survey_meta"]["pixel_scale_arcsec"] * native / manifest["build"]["image_size"]
 
 
@@ -167,7 +243,7 @@ def run(args: argparse.Namespace, log=tqdm.write, progress: bool = True) -> dict
     model = sources.load_model(source, device)
     check_mc(model, args.mc_samples)
     manifest = sources.check_shards(source, Path(args.shards) / args.survey, spec)
-    scale = rendered_scale(manifest, args.survey, args.native_pixels)
+    scale = rendered_scale(manifest, args.survey, args.native_pixels, args.shards)
     cfg = LoaderConfig(shard_root=args.shards, backend="torch", image_size=spec.image_size, mean=spec.mean,
                        std=spec.std)
     labels = read_labels(Path(args.shards), args.survey)
@@ -186,15 +262,37 @@ def run(args: argparse.Namespace, log=tqdm.write, progress: bool = True) -> dict
               "rejects": rejects.take()}
     if samples is not None:
         result["calibration"] = calibration(model, source.record()["loss"], samples, rows, names, labels.questions)
+    if args.space == "8bit":
+        pixels, note = None, "--space 8bit: every perturbation acts on the 8-bit rendering"
+    elif not set(SETTINGS) & set(FLUX_KINDS):
+        pixels, note = None, "no perturbation here acts in flux; all act on the 8-bit rendering"
+    else:
+        pixels, note = float_pixels(manifest, info, refs, labels.frame, int(readable[0]), scale)
+    baselines = {"8-bit": clean}
+    if pixels is not None:
+        try:  # the unperturbed float rendering: the baseline of the flux-space kinds' shifts
+            seen, _, baselines["flux"], _ = predict_all(
+                model, cfg, info, refs[readable], readable, args.batch_size, reading.Rejects(info, args.split, 1.0),
+                flux_perturbation("none", 0, pixels, manifest["build"]["image_size"], args.seed))
+            if seen != keys:
+                raise ValueError(f"{len(keys) - len(seen)} samples have no readable float pixels")
+        except ValueError as err:
+            pixels, note = None, f"only 8-bit images: the {pixels.origin} could not be read for every sample ({err})"
+    space = {kind: "flux" if pixels is not None and kind in FLUX_KINDS else "8-bit" for kind in SETTINGS}
+    result["pixels"] = {"space": space, "float_input": pixels and pixels.origin,
+                        "arcsec_per_float_px": pixels and pixels.arcsec_per_px, "note": note}
+    log(f"  pixels: {note}")
     bar = tqdm(total=sum(map(len, SETTINGS.values())), unit="setting", desc="robustness", disable=not progress,
                dynamic_ncols=True)
     for kind, strengths in SETTINGS.items():
         points = []
+        clean = baselines[space[kind]]
         for strength in strengths:
             bar.update(1)
+            perturb = flux_perturbation(kind, strength, pixels, manifest["build"]["image_size"], args.seed) \
+                if space[kind] == "flux" else perturbation(kind, strength, scale, args.seed)
             seen, _, pred, _ = predict_all(model, cfg, info, refs[readable], readable, args.batch_size,
-                                           reading.Rejects(info, args.split, 1.0),
-                                           perturbation(kind, strength, scale, args.seed))
+                                           reading.Rejects(info, args.split, 1.0), perturb)
             if seen != keys:
                 raise ValueError(f"{info.directory}: samples readable at first became unreadable during the study")
             table = m.feature_table(pred[:, columns], target, mask, names, num_resamples=args.bootstrap,

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
+import yaml
 from tqdm import tqdm
 
 from sharding import images, parts, progress, render
 from sharding.catalog import Reject, check_columns, has_answers, load_labels, parse_splits, read_catalog
 from sharding.config import to_dict
-from sharding.registry import SurveyConfig, list_surveys, load_survey
+from sharding.registry import SHARD_SURVEY_FILE, SurveyConfig, list_surveys, load_survey
 from sharding.schema import FeatureSchema, load_schema
 from sharding.sky import DEFAULT_NSIDE, SPLIT_RULES, nside_for, split_rule
 from sharding.writer import ShardPacker, sha256_of
@@ -218,6 +219,10 @@ def finalize(out_dir: Path, survey: SurveyConfig, schema: FeatureSchema, params:
     image_rejects = [r for s in states.values() for r in s.rejects]
     rejects = sorted(catalog_rejects + image_rejects, key=lambda r: (r.row, r.stage))
     progress.write_parquet(progress.rejects_frame(rejects, survey.name), out_dir / "rejects.parquet")
+    # The resolved survey beside its shards: eval finds a survey that has no configs/surveys/ YAML (a derived one)
+    # by name under the shard root (sharding.registry.load_survey(name, shard_root=...)).
+    progress.write_text_atomic(out_dir / SHARD_SURVEY_FILE, yaml.safe_dump(params["survey"], sort_keys=False,
+                                                                           default_flow_style=None, width=120))
     manifest = {
         "schema_version": MANIFEST_VERSION, "survey": survey.name,
         "survey_meta": {k: params["survey"][k] for k in ("campaign", "pixel_scale_arcsec", "psf_fwhm_arcsec",

@@ -86,8 +86,16 @@ def check_columns(columns, survey: SurveyConfig, catalog_path: str | Path, label
         missing = list(dict.fromkeys(missing))
         raise ValueError(f"catalog {catalog_path} lacks required column(s) {missing[:10]}"
                          f"{' ...' if len(missing) > 10 else ''} for survey {survey.name!r}. Fix the column "
-                         f"names in {survey_path(survey.name)} (id_column, ra_column, dec_column, features, "
+                         f"names in {_yaml_of(survey)} (id_column, ra_column, dec_column, features, "
                          f"question_totals) or the catalog.")
+
+
+def _yaml_of(survey: SurveyConfig) -> str:
+    """The YAML a registered survey came from, or words for one that is not registered (a derived survey)."""
+    try:
+        return str(survey_path(survey.name))
+    except ValueError:
+        return f"the {survey.name} survey YAML"
 
 
 def make_key(survey: str, object_id: str) -> str:

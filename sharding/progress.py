@@ -16,7 +16,7 @@ from sharding.writer import TMP_SUFFIX, ShardRecord
 
 BUILD_DIR = "_build"
 LOG_NAME = "progress.jsonl"
-OUTPUT_FILES = ("labels.parquet", "rejects.parquet", "manifest.json")
+OUTPUT_FILES = ("labels.parquet", "rejects.parquet", "manifest.json", "survey.yaml")
 
 
 @dataclass
@@ -34,6 +34,12 @@ def _plain(obj) -> object:
 def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + TMP_SUFFIX)
     tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 

@@ -11,6 +11,7 @@ from sharding.config import CONFIG_ROOT, config_file, config_names, from_dict, m
 from sharding.schema import FeatureSchema, load_schema
 
 SURVEY_DIR = CONFIG_ROOT / "surveys"
+SHARD_SURVEY_FILE = "survey.yaml"  # the resolved survey YAML a build writes beside its shards
 
 
 @dataclass(frozen=True)
@@ -108,22 +109,27 @@ def validate_survey(survey: SurveyConfig, schema: FeatureSchema, source: str) ->
         raise ValueError(f"{source}: bands must list at least one band")
 
 
-def survey_path(name_or_path: str | Path) -> Path:
-    """A survey name (`hst`) resolves to configs/surveys/hst.yaml (./configs/ first); a path is taken as is."""
+def survey_path(name_or_path: str | Path, shard_root: str | Path | None = None) -> Path:
+    """A survey name (`hst`) resolves to configs/surveys/hst.yaml (./configs/ first), then, with a shard root, to
+    the copy a build left beside the shards (<shard_root>/<name>/survey.yaml: derived surveys live only there);
+    a path is taken as is."""
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml"):
         return candidate
     path = config_file("surveys", str(name_or_path))
-    if not path.is_file():
-        raise ValueError(f"unknown survey {str(name_or_path)!r}: no {path}. Known surveys: {list_surveys()}. "
-                         "Add a survey by adding one YAML there.")
-    return path
+    if path.is_file():
+        return path
+    beside = Path(shard_root) / str(name_or_path) / SHARD_SURVEY_FILE if shard_root is not None else None
+    if beside is not None and beside.is_file():
+        return beside
+    raise ValueError(f"unknown survey {str(name_or_path)!r}: no {path}{f' and no {beside}' if beside else ''}. "
+                     f"Known surveys: {list_surveys()}. Add a survey by adding one YAML there (or pass a YAML path).")
 
 
 def load_survey(name_or_path: str | Path, overrides: list[str] | None = None,
-                schema: FeatureSchema | None = None) -> SurveyConfig:
-    """Load and validate one survey's YAML, with optional dotted overrides."""
-    path = survey_path(name_or_path)
+                schema: FeatureSchema | None = None, shard_root: str | Path | None = None) -> SurveyConfig:
+    """Load and validate one survey's YAML (see survey_path for names), with optional dotted overrides."""
+    path = survey_path(name_or_path, shard_root)
     data = merge(read_yaml(path), parse_overrides(overrides))
     survey = from_dict(SurveyConfig, data, where=str(path))
     validate_survey(survey, schema or load_schema(), str(path))

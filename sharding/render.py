@@ -108,11 +108,7 @@ def prepare_sample(paths: list[Path], *, image_size: int, image_format: str = "j
     try:
         data, _ = clean_pixels(data)
         square = _centre_square(data)
-        factor = square.shape[-1] // image_size
-        # Binning a much larger cutout before the stretch saves work; noise is measured after binning anyway.
-        binned = _bin_down(square, factor) if factor >= 2 and not is_8bit_rgb else square
-        rgb = _resized(Image.merge("RGB", [Image.fromarray(plane) for plane in render_planes(binned, is_8bit_rgb)]),
-                       image_size)
+        rgb = _rendered_square(square, is_8bit_rgb, image_size)
     except ImageError as err:
         raise ImageError(err.reason, f"{', '.join(map(str, paths))}: {err}") from None
     members = {image_format: _encode(rgb, image_format, jpeg_quality, jpeg_chroma)}
@@ -122,6 +118,22 @@ def prepare_sample(paths: list[Path], *, image_size: int, image_format: str = "j
         np.save(buffer, np.clip(planes, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16), allow_pickle=False)
         members["npy"] = buffer.getvalue()
     return members
+
+
+def render_float(data: np.ndarray, image_size: int) -> np.ndarray:
+    """(3, image_size, image_size) uint8 R, G, B planes of (bands, H, W) float fluxes, rendered as the build renders
+    a FITS cutout (cleaned, centre square, binned, stretched, resized): for images altered in flux (eval robustness)."""
+    cleaned, _ = clean_pixels(data)
+    rgb = _rendered_square(_centre_square(cleaned), False, image_size)
+    return np.ascontiguousarray(np.asarray(rgb).transpose(2, 0, 1))
+
+
+def _rendered_square(square: np.ndarray, is_8bit_rgb: bool, image_size: int) -> Image.Image:
+    factor = square.shape[-1] // image_size
+    # Binning a much larger cutout before the stretch saves work; noise is measured after binning anyway.
+    binned = _bin_down(square, factor) if factor >= 2 and not is_8bit_rgb else square
+    return _resized(Image.merge("RGB", [Image.fromarray(plane) for plane in render_planes(binned, is_8bit_rgb)]),
+                    image_size)
 
 
 def _colour_planes(data: np.ndarray) -> np.ndarray:

@@ -228,6 +228,9 @@ def test_robustness_job_end_to_end(eval_shards, eval_exports, tmp_path):
     result = json.loads((out / "robustness.json").read_text())
     kinds = result["kinds"]
     assert set(kinds) == {"resolution", "noise", "psf", "rotation"} and result["n"] == 16
+    # The mock FITS the build read are still there: noise and PSF act on them in flux, before the stretch.
+    assert result["pixels"]["float_input"] == "source FITS" and result["pixels"]["arcsec_per_float_px"] == 0.262
+    assert result["pixels"]["space"] == {"resolution": "8-bit", "noise": "flux", "psf": "flux", "rotation": "8-bit"}
     identity = {"resolution": 1.0, "noise": 0.0, "psf": 0.0, "rotation": "none"}
     for kind, points in kinds.items():
         by_strength = {p["strength"]: p for p in points}
@@ -239,6 +242,38 @@ def test_robustness_job_end_to_end(eval_shards, eval_exports, tmp_path):
     assert all(0 <= p["coverage"] <= 1 for p in calibration["curve"])
     assert result["rejects"] == [] and pd.read_parquet(out / "rejects.parquet").empty
     assert (out / "robustness.png").is_file() and (out / "calibration.png").is_file()
+
+
+def test_robustness_float_pixels_source_fits_then_npy_then_none(eval_shards, tmp_path):
+    """Noise and PSF act in flux on the source FITS, else on --keep-float .npy members; else all act in 8-bit."""
+    from eval import reading
+    from eval.labels import read_labels
+    from sharding import build, flux, render
+
+    raw, _ = eval_shards
+    root = tmp_path / "shards"
+    assert build.main(["--survey", "hst", "--catalog", str(raw / "hst" / "gz_hubble_main.fits"), "--images",
+                       str(raw / "hst" / "images"), "--out", str(root), "--image-size", "64", "--keep-float",
+                       "--split-by", "id", "--no-progress"]) == 0
+    manifest = json.loads((root / "hst" / "manifest.json").read_text())
+    info = load_survey_shards(root / "hst", "train")
+    refs, labels = reading.split_refs(info), read_labels(root, "hst").frame
+    pixels, note = robustness.float_pixels(manifest, info, refs, labels, 0, 0.1)
+    assert pixels.origin == "source FITS" and pixels.arcsec_per_px == 0.05 and "source FITS" in note
+    assert pixels.read(3).shape == (2, 128, 128)
+    gone = {**manifest, "build": {**manifest["build"], "images": str(tmp_path / "gone")}}
+    pixels, note = robustness.float_pixels(gone, info, refs, labels, 0, 0.1)
+    assert pixels.origin == "npy members" and pixels.arcsec_per_px == 0.1 and pixels.read(3).shape == (2, 64, 64)
+    assert robustness.float_pixels({**gone, "members": ["jpg"]}, info, refs, labels, 0, 0.1)[0] is None
+    # In flux: strength 0 is the build's own rendering of the floats; a PSF is sharding.flux's convolution.
+    data = pixels.read(3)
+    same = robustness.flux_perturbation("psf", 0.0, pixels, 64, seed=0)(None, 3)
+    torch.testing.assert_close(same, torch.from_numpy(render.render_float(data, 64).astype(np.float32)))
+    blurred = robustness.flux_perturbation("psf", 1.0, pixels, 64, seed=0)(None, 3)
+    expected = render.render_float(flux.convolve_kernel(data, flux.psf_image(flux.PSF(1.0), 0.1)), 64)
+    torch.testing.assert_close(blurred, torch.from_numpy(expected.astype(np.float32)))
+    noisy = robustness.flux_perturbation("noise", 5.0, pixels, 64, seed=0)(None, 3)
+    assert float((noisy - same).abs().mean()) > 1.0
 
 
 def test_neighbors_are_the_cosine_nearest(tmp_path, capsys):
