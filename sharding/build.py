@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import multiprocessing
 import shutil
 import sys
 import time
@@ -17,7 +16,7 @@ import pyarrow.parquet as pq
 import yaml
 from tqdm import tqdm
 
-from sharding import images, parts, progress, render
+from sharding import images, parts, pool, progress, render
 from sharding.catalog import Reject, check_columns, has_answers, load_labels, parse_splits, read_catalog
 from sharding.config import to_dict
 from sharding.registry import SHARD_SURVEY_FILE, SurveyConfig, list_surveys, load_survey
@@ -150,15 +149,9 @@ def _tasks(labels: pd.DataFrame, split: str, start: int) -> list[tuple]:
     return tasks[start:]
 
 
-@contextlib.contextmanager
 def _renderer(params: dict, workers: int):
     """Yields tasks -> iterator of _process results, in order: in this process, or one worker pool for every split."""
-    if workers <= 1:
-        _init_worker(params)
-        yield lambda tasks: map(_process, tasks)
-        return
-    with multiprocessing.get_context("fork").Pool(workers, _init_worker, (params,)) as pool:
-        yield lambda tasks: pool.imap(_process, tasks, chunksize=min(16, max(1, len(tasks) // (workers * 8))))
+    return pool.ordered_map(_process, _init_worker, params, workers)
 
 
 PROBE_ROWS, PROBE_MIN = 50, 10

@@ -9,11 +9,9 @@ campaign and column mapping) and `<out>/<name>.yaml`, which `python -m sharding.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import io
 import json
-import multiprocessing
 import os
 import re
 import shutil
@@ -30,7 +28,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from tqdm import tqdm
 
-from sharding import flux, images
+from sharding import flux, images, pool
 from sharding.catalog import Reject, normalise_ids, read_catalog
 from sharding.config import to_dict
 from sharding.progress import rejects_frame, write_json_atomic, write_parquet
@@ -225,14 +223,8 @@ def _init_worker(params: dict) -> None:
     _WORKER.update(params)
 
 
-@contextlib.contextmanager
 def _runner(params: dict, workers: int):
-    if workers <= 1:
-        _init_worker(params)
-        yield lambda tasks: map(derive_galaxy, tasks)
-        return
-    with multiprocessing.get_context("fork").Pool(workers, _init_worker, (params,)) as pool:
-        yield lambda tasks: pool.imap(derive_galaxy, tasks, chunksize=max(1, min(16, len(tasks) // (workers * 8))))
+    return pool.ordered_map(derive_galaxy, _init_worker, params, workers)
 
 
 def catalog_tasks(df: pd.DataFrame, survey: SurveyConfig) -> list[tuple[int, str, str | None]]:
