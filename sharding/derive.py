@@ -19,6 +19,7 @@ import sys
 import warnings
 import zlib
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,17 @@ class DerivePlan:
         return flux.psf_matching_kernel(flux.PSF.of_survey(self.source), flux.PSF.of_survey(self.target),
                                         self.source.pixel_scale_arcsec)
 
+    def noise_gain(self, shape: tuple[int, int]) -> float:
+        """flux.noise_gain of this plan for cutouts of `shape`: the same for every galaxy of that size."""
+        return _noise_gain(flux.PSF.of_survey(self.source), flux.PSF.of_survey(self.target),
+                           self.source.pixel_scale_arcsec, self.target.pixel_scale_arcsec, tuple(shape))
+
+
+@lru_cache(maxsize=8)
+def _noise_gain(source: flux.PSF, target: flux.PSF, from_scale: float, to_scale: float,
+                shape: tuple[int, int]) -> float:
+    return flux.noise_gain(flux.psf_matching_kernel(source, target, from_scale), shape, from_scale, to_scale)
+
 
 def make_plan(source: SurveyConfig, target: SurveyConfig, flux_scale: float | None = None, seed: int = 0,
               source_noise: str = "measured") -> DerivePlan:
@@ -96,7 +108,7 @@ def derive_cutout(data: np.ndarray, plan: DerivePlan, rng: np.random.Generator |
         noise_in = np.full(data.shape[0], source.mock.sky_noise)
     else:
         noise_in = np.array([flux.measure_sky_noise(band) for band in data])
-    gain = flux.noise_gain(kernel, data.shape[-2:], source.pixel_scale_arcsec, target.pixel_scale_arcsec)
+    gain = plan.noise_gain(data.shape[-2:])
     present = noise_in * gain * plan.flux_scale
     added = np.zeros_like(present)
     if rng is not None:

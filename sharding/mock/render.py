@@ -6,15 +6,14 @@ import math
 from functools import lru_cache
 
 import numpy as np
-import scipy.signal
-from astropy.convolution import Gaussian2DKernel, Moffat2DKernel
 from astropy.modeling.models import Sersic2D
 from astropy.nddata import block_reduce
 
+from sharding import flux
 from sharding.mock.morphology import Morphology
 from sharding.registry import SurveyConfig
 
-FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+FWHM_PER_SIGMA = flux.FWHM_PER_SIGMA
 ARM_PROFILE_MEAN = 0.3125  # mean of ((1 + cos)/2)^3, so arm modulation keeps the disk's flux
 
 
@@ -34,21 +33,9 @@ def band_seds(survey: SurveyConfig) -> tuple[np.ndarray, np.ndarray]:
     return seds[0], seds[1]
 
 
-@lru_cache(maxsize=16)
-def _psf_kernel(fwhm_px: float, profile: str, beta: float) -> np.ndarray:
-    size = max(9, 2 * int(math.ceil(2.5 * fwhm_px)) + 1)
-    if profile == "moffat":
-        gamma = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
-        kernel = Moffat2DKernel(gamma, beta, x_size=size, y_size=size, mode="oversample", factor=10)
-    else:
-        kernel = Gaussian2DKernel(fwhm_px / FWHM_PER_SIGMA, x_size=size, y_size=size, mode="oversample", factor=10)
-    array = kernel.array.astype(np.float64)
-    return array / array.sum()
-
-
 def psf_kernel(survey: SurveyConfig) -> np.ndarray:
     """The survey PSF sampled at its pixel scale, unit sum (FWHM = psf_fwhm_arcsec / pixel_scale_arcsec px)."""
-    return _psf_kernel(round(survey.psf_fwhm_px, 6), survey.mock.psf_profile, survey.mock.moffat_beta)
+    return flux.psf_image(flux.PSF.of_survey(survey), survey.pixel_scale_arcsec)
 
 
 @lru_cache(maxsize=16)
@@ -200,11 +187,8 @@ def noiseless_model(m: Morphology, survey: SurveyConfig, rng) -> np.ndarray:
 
 
 def convolve_psf(image: np.ndarray, survey: SurveyConfig) -> np.ndarray:
-    """Linear convolution of (..., H, W) images with the PSF, zero beyond the cutout edge. The same result as
-    astropy's convolve_fft(boundary="fill"), but with real FFTs over all bands in one call (3x faster)."""
-    kernel = psf_kernel(survey)
-    kernel = kernel.reshape((1,) * (image.ndim - 2) + kernel.shape)
-    return scipy.signal.fftconvolve(image, kernel, mode="same", axes=(-2, -1))
+    """Linear convolution of (..., H, W) images with the PSF, zero beyond the cutout edge."""
+    return flux.convolve_kernel(image, psf_kernel(survey))
 
 
 def _add_star(pixels: np.ndarray, m: Morphology, rng) -> None:
