@@ -62,17 +62,14 @@ def check_surveys(shards: Path, surveys: list[str]) -> None:
         raise ValueError(f"--surveys needs at least two different surveys, got {surveys}")
 
 
-def read_positions(shards: Path, survey: str) -> pd.DataFrame:
-    """key, object_id, ra, dec of every row of a survey's labels table (only those columns are read)."""
+def read_positions(shards: Path, survey: str, columns: tuple[str, ...] = ("key", "object_id", "ra", "dec")) \
+        -> pd.DataFrame:
+    """`columns` of every row of a survey's labels table (only those are read)."""
     path = labels_path(shards, survey)
-    names = pq.read_schema(path).names
-    missing = [c for c in ("key", "ra", "dec") if c not in names]
+    missing = [c for c in columns if c not in pq.read_schema(path).names]
     if missing:
         raise ValueError(f"{path} lacks column(s) {missing}; is this a labels table of sharding.build?")
-    frame = pd.read_parquet(path, columns=[c for c in ("key", "object_id", "ra", "dec") if c in names])
-    if "object_id" not in frame.columns:
-        frame["object_id"] = frame["key"].astype(str).str.removeprefix(f"{survey}_")
-    return frame
+    return pd.read_parquet(path, columns=list(columns))
 
 
 def pair_summary(a: str, b: str, table_a: pd.DataFrame, table_b: pd.DataFrame, sep: np.ndarray,

@@ -45,7 +45,8 @@ SETTINGS = {
     "psf": [0.0, 0.5, 1.0, 2.0],  # extra PSF FWHM in arcsec
     "rotation": ["none", "rot45", "rot90", "rot180", "hflip", "vflip"],
 }
-FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+FWHM_PER_SIGMA = flux.FWHM_PER_SIGMA
+IDENTITY = {"resolution": 1.0, "noise": 0.0, "psf": 0.0, "rotation": "none"}  # the strength that changes nothing
 FLUX_KINDS = ("noise", "psf")  # the kinds that act in flux, before the stretch, where float pixels are at hand
 
 
@@ -165,7 +166,7 @@ def flux_perturbation(kind: str, strength, pixels: FloatPixels, image_size: int,
     / strength per float pixel. The decoded 8-bit image is not used.
     """
     def apply(image: torch.Tensor, row: int) -> torch.Tensor:
-        data = pixels.read(row)
+        data, _ = images.clean_pixels(pixels.read(row))  # as the build does first: no NaN reaches the convolution
         if kind == "psf" and strength > 0:
             data = flux.convolve_kernel(data, flux.psf_image(flux.PSF(float(strength)), pixels.arcsec_per_px))
         elif kind == "noise" and strength > 0:
@@ -289,12 +290,10 @@ def run(args: argparse.Namespace, log=tqdm.write, progress: bool = True) -> dict
         clean = baselines[space[kind]]
         for strength in strengths:
             bar.update(1)
-            perturb = flux_perturbation(kind, strength, pixels, manifest["build"]["image_size"], args.seed) \
-                if space[kind] == "flux" else perturbation(kind, strength, scale, args.seed)
-            seen, _, pred, _ = predict_all(model, cfg, info, refs[readable], readable, args.batch_size,
-                                           reading.Rejects(info, args.split, 1.0), perturb)
-            if seen != keys:
-                raise ValueError(f"{info.directory}: samples readable at first became unreadable during the study")
+            pred = clean if strength == IDENTITY.get(kind) else perturbed_predictions(
+                model, cfg, info, refs, readable, keys, args, flux_perturbation(
+                    kind, strength, pixels, manifest["build"]["image_size"], args.seed)
+                if space[kind] == "flux" else perturbation(kind, strength, scale, args.seed))
             table = m.feature_table(pred[:, columns], target, mask, names, num_resamples=args.bootstrap,
                                     seed=args.seed, metrics=("r", "mae"))
             shift = float(np.mean(np.abs(pred - clean)))
@@ -305,6 +304,16 @@ def run(args: argparse.Namespace, log=tqdm.write, progress: bool = True) -> dict
         result["kinds"][kind] = points
     bar.close()
     return result
+
+
+def perturbed_predictions(model, cfg: LoaderConfig, info, refs: np.ndarray, readable: np.ndarray, keys: list[str],
+                          args: argparse.Namespace, perturb) -> np.ndarray:
+    """Fractions of the readable samples under one perturbation (the unperturbed ones are the baseline's)."""
+    seen, _, pred, _ = predict_all(model, cfg, info, refs[readable], readable, args.batch_size,
+                                   reading.Rejects(info, args.split, 1.0), perturb)
+    if seen != keys:
+        raise ValueError(f"{info.directory}: samples readable at first became unreadable during the study")
+    return pred
 
 
 def write_plots(result: dict, out: Path) -> dict[str, str]:

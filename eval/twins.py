@@ -6,13 +6,13 @@ galaxies by whether a positional twin sits in a training survey's train split sh
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from eval import metrics as m
+from eval.match import read_positions
 from sharding.sky import match_positions
 
 SUBSETS = ("new", "twin")  # new: no twin in any training survey's train split; twin: at least one
@@ -20,9 +20,7 @@ MIN_SUBSET = 10  # fewer galaxies than this give no interval worth printing
 
 
 def _positions(shards: Path, survey: str, split: str | None = None) -> pd.DataFrame:
-    directory = Path(shards) / survey
-    manifest = json.loads((directory / "manifest.json").read_text())
-    frame = pd.read_parquet(directory / manifest["labels"], columns=["key", "ra", "dec", "split"])
+    frame = read_positions(shards, survey, ("key", "ra", "dec", "split"))
     return frame if split is None else frame[frame["split"] == split]
 
 
