@@ -387,11 +387,12 @@ def run(args: argparse.Namespace, command: str = "") -> int:
                                          "kernel_px": list(plan.kernel.shape), "cutout_px": survey.mock.cutout_px,
                                          **summary})
     print_summary(plan, name, survey.mock.cutout_px, summary, yaml_path, out)
-    if args.build_to:
-        from sharding import build
-        build_args = ["--survey", str(yaml_path), "--out", args.build_to, "--workers", str(args.workers)]
-        return build.main(build_args + (["--no-progress"] if args.no_progress else []))
-    return 0
+    if not args.build_to:
+        print(f"  shard it:    python -m sharding.build --survey {yaml_path} --out data/shards")
+        return 0
+    from sharding import build
+    build_args = ["--survey", str(yaml_path), "--out", args.build_to, "--workers", str(args.workers)]
+    return build.main(build_args + (["--no-progress"] if args.no_progress else []))
 
 
 def summarize(facts: list[dict], rejects: list[Reject], num_tasks: int) -> dict:
@@ -418,7 +419,7 @@ def print_summary(plan: DerivePlan, name: str, num_px: int, summary: dict, yaml_
     if summary["num_shallow"]:
         print(f"warning: {summary['num_shallow']} galaxies have a band whose own noise already exceeds "
               f"{target.name}'s sky noise after matching: they stay shallower than {target.name}", file=sys.stderr)
-    print(f"  survey YAML: {yaml_path}\n  shard it:    python -m sharding.build --survey {yaml_path} --out data/shards")
+    print(f"  survey YAML: {yaml_path}")
 
 
 def main(argv: list[str] | None = None) -> int:
