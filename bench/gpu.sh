@@ -22,7 +22,7 @@ fi
 started=$(date +%s)
 
 missing=()
-for spec in deepspeed:deepspeed astropy:astropy webdataset:webdataset zarr:zarr pytest:pytest; do
+for spec in deepspeed:deepspeed astropy:astropy astropy_healpix:astropy-healpix webdataset:webdataset zarr:zarr pytest:pytest; do
   "$PY" -c "import ${spec%%:*}" 2>/dev/null || missing+=("${spec#*:}")
 done
 if ((${#missing[@]})); then
