@@ -16,6 +16,7 @@ import numpy as np
 
 from loaders.pfair import exact_ratios
 from loaders.sampler import MixConfig, MixingSampler, global_order, mixing_report
+from loaders.schedule import batch_bounds, parse_schedule, schedule_drift
 from loaders.shards import SurveyShards, load_shard_root
 
 NUM_TABLE_STEPS = 8
@@ -44,7 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--shards", required=True, type=Path, metavar="DIR", help="shard root holding <survey>/manifest.json")
-    add("--mix", required=True, metavar="SURVEY=SHARE,...", help="survey shares of every global batch, e.g. sdss=0.33,decals=0.33,hst=0.34")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--mix", metavar="SURVEY=SHARE,...",
+                       help="survey shares of every global batch, e.g. sdss=0.33,decals=0.33,hst=0.34")
+    which.add_argument("--mix-schedule", metavar="STEP:SURVEY=W,...;STEP:...",
+                       help="shares that change with the global step, each phase from its step on (the first at 0), "
+                            "e.g. '0:hst=2.5,sdss=1,decals=1.1;2000:sdss=1,decals=1,hst=1' (training's "
+                            "data.mix_schedule); implies --on-exhausted repeat")
+    add("--mix-interpolation", choices=("step", "linear"), default="step",
+        help="with --mix-schedule: hold each phase's shares (step) or move linearly to the next phase's (linear)")
     add("--global-batch-size", type=int, required=True, metavar="B", help="samples per optimizer step over all ranks")
     add("--world-size", type=int, default=1, metavar="W", help="number of ranks; must divide the global batch size (default 1)")
     add("--steps", type=int, default=100, metavar="N", help="global batches to inspect, cut at the epoch end (default 100)")
@@ -97,14 +106,17 @@ def _setup(args: argparse.Namespace) -> tuple[MixConfig, list[SurveyShards]]:
     if args.global_batch_size % args.world_size:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by --world-size "
                          f"{args.world_size}: every rank must read the same number of samples per step")
-    ratios = MixConfig(ratios=args.mix, global_batch_size=args.global_batch_size, epoch_samples=1).ratios
+    schedule = None if args.mix_schedule is None else parse_schedule(args.mix_schedule, args.mix_interpolation)
+    on_exhausted = "repeat" if schedule is not None else args.on_exhausted
+    ratios = MixConfig(ratios=args.mix or {}, global_batch_size=args.global_batch_size, epoch_samples=1,
+                       schedule=schedule, on_exhausted=on_exhausted).ratios
     surveys = load_shard_root(args.shards, list(ratios), args.split)
     epoch_samples = args.epoch_samples
     if epoch_samples is None and args.epoch_multiplier is None:
         epoch_samples = sum(s.num_samples for s in surveys)
     mix = MixConfig(ratios=ratios, global_batch_size=args.global_batch_size, seed=args.seed,
                     epoch_samples=epoch_samples, epoch_multiplier=args.epoch_multiplier,
-                    on_exhausted=args.on_exhausted)
+                    on_exhausted=on_exhausted, schedule=schedule)
     return mix, surveys
 
 
@@ -142,14 +154,19 @@ def inspect_mix(surveys: list[SurveyShards], mix: MixConfig, world_size: int, nu
     shard_counts = {s.name: s.shard_counts for s in surveys}
     sampler = resumed_sampler(shard_counts, mix, epoch, resume_from_step)
     order = global_order(shard_counts, mix, epoch)
-    epoch_report = mixing_report(order, mix)
+    epoch_report = mixing_report(order, mix, epoch)
     ranks, batches_per_rank = read_ranks(sampler, world_size)  # (W, batches, B/W, 3)
     glued = ranks.transpose(1, 0, 2, 3).reshape(-1, 3)
     shown = range(resume_from_step, resume_from_step + min(num_steps, ranks.shape[1]))
     steps = [_step_record(surveys, names, ranks[:, i], step) for i, step in enumerate(shown)]
     counts = np.array([[s["counts"][n] for n in names] for s in steps], dtype=np.int64).reshape(-1, len(names))
-    shares = [exact_ratios(mix.ratios)[n] for n in names]
-    drift, drift_step, drift_survey = _drift(np.concatenate([order.counts[:resume_from_step], counts]), shares)
+    first = epoch * order.num_batches  # the global step of the epoch's first batch
+    expect = _expected(mix, first + resume_from_step, len(steps))
+    if mix.schedule is None:
+        shares = [exact_ratios(mix.ratios)[n] for n in names]
+        drift, drift_step, drift_survey = _drift(np.concatenate([order.counts[:resume_from_step], counts]), shares)
+    else:
+        drift, drift_step, drift_survey = _schedule_drift(mix, first, order.counts[:resume_from_step], counts)
     keys = [key for step in steps for rank_keys in step["keys_by_rank"] for key in rank_keys]
     report = {
         "surveys": names, "ratios": dict(mix.ratios), "global_batch_size": mix.global_batch_size,
@@ -157,13 +174,16 @@ def inspect_mix(surveys: list[SurveyShards], mix: MixConfig, world_size: int, nu
         "seed": mix.seed, "epoch": epoch, "on_exhausted": mix.on_exhausted, "split_samples":
         {s.name: s.num_samples for s in surveys}, "epoch_batches": order.num_batches,
         "resume_from_step": resume_from_step, "steps_requested": num_steps, "steps": steps,
-        "targets": {n: float(r * mix.global_batch_size) for n, r in zip(names, shares)},
+        "schedule": None if mix.schedule is None else {**mix.schedule.to_json(), "text": mix.schedule.describe(),
+                                                       "epoch_first_step": first},
+        "targets": {n: float(x) / max(len(steps), 1) for n, x in zip(names, expect["total"])},
         "totals": dict(zip(names, counts.sum(axis=0).tolist())),
-        "target_totals": {n: float(r * counts.sum()) for n, r in zip(names, shares)},
+        "target_totals": {n: float(x) for n, x in zip(names, expect["total"])},
         "count_range": {n: [int(min(counts[:, s], default=0)), int(max(counts[:, s], default=0))]
                         for s, n in enumerate(names)},
         "rank_count_range": _rank_count_range(ranks[:, :len(steps)], names),
-        "counts_within_floor_ceil": _within_floor_ceil(counts, shares, mix.global_batch_size),
+        "counts_within_floor_ceil": bool(((counts >= expect["floors"]) & (counts <= expect["ceils"])).all()
+                                         and (counts.sum(axis=1) == mix.global_batch_size).all()),
         "max_drift": drift, "max_drift_step": drift_step,
         "max_drift_survey": None if drift_survey is None else names[drift_survey],
         "epoch_max_drift": max(epoch_report["max_drift"]),
@@ -198,10 +218,29 @@ def _drift(counts: np.ndarray, shares: Sequence[Fraction]) -> tuple[float, int, 
     return float(Fraction(abs(int(error[step, survey])), denominator)), int(step), int(survey)
 
 
-def _within_floor_ceil(counts: np.ndarray, shares: Sequence[Fraction], batch_size: int) -> bool:
-    floors = np.array([math.floor(batch_size * s) for s in shares])
-    ceils = np.array([math.ceil(batch_size * s) for s in shares])
-    return bool(((counts >= floors) & (counts <= ceils)).all() and (counts.sum(axis=1) == batch_size).all())
+def _expected(mix: MixConfig, first: int, num_steps: int) -> dict[str, Any]:
+    """Each inspected step's allowed counts (floor and ceil of B x its share) and the exact target totals."""
+    batch_size = mix.global_batch_size
+    if mix.schedule is None:
+        shares = [exact_ratios(mix.ratios)[n] for n in mix.ratios]
+        floors = np.array([[math.floor(batch_size * r) for r in shares]] * num_steps, np.int64).reshape(num_steps, -1)
+        ceils = np.array([[math.ceil(batch_size * r) for r in shares]] * num_steps, np.int64).reshape(num_steps, -1)
+        return {"floors": floors, "ceils": ceils, "total": [r * batch_size * num_steps for r in shares]}
+    floors, ceils = batch_bounds(mix.schedule, batch_size, first, first + num_steps)
+    total = [sum((batch_size * mix.schedule.shares_at(t)[s] for t in range(first, first + num_steps)), Fraction(0))
+             for s in range(len(mix.schedule.names))]
+    return {"floors": floors, "ceils": ceils, "total": total}
+
+
+def _schedule_drift(mix: MixConfig, first: int, before: np.ndarray, counts: np.ndarray) -> tuple[float, int, int | None]:
+    """Max |running total - the schedule's integral from global step 0| over the epoch's steps up to the last
+    inspected one: (samples, step it ends, survey index)."""
+    rows = np.concatenate([before, counts])
+    if not len(rows):
+        return 0.0, -1, None
+    worst = schedule_drift(mix.schedule, mix.global_batch_size, rows, first)
+    survey = max(range(len(worst)), key=lambda s: worst[s][0])
+    return float(worst[survey][0]), worst[survey][1], survey
 
 
 def _rank_count_range(ranks: np.ndarray, names: list[str]) -> dict[str, list[int]]:
@@ -252,7 +291,8 @@ def format_report(report: dict[str, Any]) -> str:
     first = report["resume_from_step"]
     last = first + len(steps) - 1
     lines = [
-        f"mix {', '.join(f'{n}={r:g}' for n, r in report['ratios'].items())}   global batch {batch_size} = "
+        (f"mix schedule {report['schedule']['text']}" if report.get("schedule") else
+         f"mix {', '.join(f'{n}={r:g}' for n, r in report['ratios'].items())}") + f"   global batch {batch_size} = "
         f"{world} rank(s) x {report['batch_size_per_rank']}   seed {report['seed']}, epoch {report['epoch']}, "
         f"on_exhausted={report['on_exhausted']}",
         "train samples: " + ", ".join(f"{n} {c}" for n, c in report["split_samples"].items()),

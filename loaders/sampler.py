@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -14,6 +15,7 @@ import numpy as np
 
 from loaders.pfair import MAX_RATIO_DENOMINATOR, allocate_batches, check_ratios, exact_ratios, max_drift, \
     parse_ratios, slot_positions
+from loaders.schedule import MixSchedule, batch_bounds, schedule_allocation, schedule_drift
 from loaders.streams import Streams, stream_rows
 
 ShardCounts = Mapping[str, Sequence[int]]
@@ -44,8 +46,17 @@ class MixConfig:
     shuffle_window_shards: int = 4
     """Shards (after the per-epoch shard shuffle) whose samples are shuffled together; a reader needs
     about this many open shards per survey."""
+    schedule: MixSchedule | None = None
+    """Shares that change with the global step (loaders.schedule). With a schedule, `ratios` only names the
+    surveys (the schedule's, in its order) and every allocation follows the schedule, continuing across epochs
+    (epoch e holds global batches e * N to (e + 1) * N - 1)."""
 
     def __post_init__(self) -> None:
+        if self.schedule is not None:
+            object.__setattr__(self, "ratios", {name: 1.0 for name in self.schedule.names})
+            if self.on_exhausted != "repeat":
+                raise ValueError("mix: a mix schedule needs on_exhausted='repeat' (an epoch's length must not "
+                                 "depend on the shares, which change within it)")
         ratios = parse_ratios(self.ratios) if isinstance(self.ratios, str) else check_ratios(self.ratios)
         object.__setattr__(self, "ratios", ratios)
         _check_int("global_batch_size", self.global_batch_size, 1)
@@ -80,23 +91,25 @@ class EpochOrder:
         return int(self.counts.shape[0])
 
 
-def epoch_allocation(shard_counts: ShardCounts, mix: MixConfig) -> np.ndarray:
+def epoch_allocation(shard_counts: ShardCounts, mix: MixConfig, epoch: int = 0) -> np.ndarray:
     """Samples per survey in each global batch of an epoch: int64 (num_batches, num_surveys).
 
     The epoch is a whole number of global batches (so every rank yields as many), sized by
     epoch_samples or epoch_multiplier; under "stop" it is cut to the last batch that no survey's
     running total exceeds its train samples. It draws no random numbers, so every epoch and every
-    rank gets the same length.
+    rank gets the same length. Without a schedule every epoch has the same allocation; with one, epoch
+    `epoch` takes the schedule's global batches from epoch * num_batches on.
     """
     available = np.array([int(c.sum()) for c in _shard_arrays(shard_counts, mix)], dtype=np.int64)
     batch_size = mix.global_batch_size
     num_batches = _target_batches(available, mix)
+    if mix.schedule is not None:
+        first = _check_int("epoch", epoch, 0) * num_batches
+        counts = schedule_allocation(mix.schedule, batch_size, first, first + num_batches)
+        _refuse_small(mix, available, counts.max(axis=0))
+        return counts
     if mix.on_exhausted == "repeat":
-        per_batch = {n: math.ceil(r * batch_size) for n, r in exact_ratios(mix.ratios).items()}
-        small = {n: int(a) for n, a in zip(mix.ratios, available) if a < per_batch[n]}
-        if small:
-            raise ValueError(f"mix: survey(s) {small} have fewer train samples than their share of one global batch "
-                             f"({per_batch}): a galaxy would appear twice in a batch; lower global_batch_size")
+        _refuse_small(mix, available, [math.ceil(r * batch_size) for r in exact_ratios(mix.ratios).values()])
         return allocate_batches(mix.ratios, batch_size, num_batches)
     # Drift < 1 means n batches take more than n * B * r - 1 samples of a survey: none lasts past this.
     bound = min(math.floor((int(a) + 1) / (batch_size * r))
@@ -109,6 +122,22 @@ def epoch_allocation(shard_counts: ShardCounts, mix: MixConfig) -> np.ndarray:
                          f"fewer train samples ({dict(zip(mix.ratios, available.tolist()))}) than its share "
                          "of one batch; lower global_batch_size or use on_exhausted='repeat'")
     return counts[:num_batches]
+
+
+def _refuse_small(mix: MixConfig, available: np.ndarray, per_batch: Sequence[int]) -> None:
+    small = {n: int(a) for n, a, c in zip(mix.ratios, available, per_batch) if a < c}
+    if small:
+        raise ValueError(f"mix: survey(s) {small} have fewer train samples than their share of one global batch "
+                         f"({dict(zip(mix.ratios, (int(c) for c in per_batch)))}): a galaxy would appear twice in "
+                         "a batch; lower global_batch_size")
+
+
+def mix_allocation(mix: MixConfig, start: int, stop: int) -> np.ndarray:
+    """Samples per survey in global batches [start, stop) counted from the first epoch's start (for checks and
+    inspection): the schedule's, or the constant mix's PD2 allocation, which every epoch repeats from its start."""
+    if mix.schedule is not None:
+        return schedule_allocation(mix.schedule, mix.global_batch_size, start, stop)
+    return allocate_batches(mix.ratios, mix.global_batch_size, stop)[start:]
 
 
 def epoch_length(shard_counts: ShardCounts, mix: MixConfig) -> tuple[int, np.ndarray]:
@@ -139,7 +168,7 @@ def global_order(shard_counts: ShardCounts, mix: MixConfig, epoch: int) -> Epoch
     per batch, so every rank's contiguous slice holds each survey's share of the batch within less
     than two samples and, over many batches, each rank sees each survey at its ratio.
     """
-    counts = epoch_allocation(shard_counts, mix)
+    counts = epoch_allocation(shard_counts, mix, epoch)
     streams = _streams(shard_counts, mix, epoch)
     starts = np.cumsum(counts, axis=0) - counts
     surveys, positions = slot_positions(counts, starts, np.arange(len(counts)), slice(0, mix.global_batch_size))
@@ -173,7 +202,7 @@ def iter_rank_batches(shard_counts: ShardCounts, mix: MixConfig, epoch: int, ran
     _check_int("num_workers", num_workers, 0)
     num_workers = max(num_workers, 1)
     worker_id = _check_index("worker_id", worker_id, num_workers)
-    counts = epoch_allocation(shard_counts, mix)
+    counts = epoch_allocation(shard_counts, mix, epoch)
     first_batch = _start_batch(start_sample, batch_size, counts.shape[0])
     streams = _streams(shard_counts, mix, epoch)
     batches = range(first_batch + worker_id, counts.shape[0], num_workers)
@@ -236,22 +265,31 @@ def mix_fingerprint(shard_counts: ShardCounts, mix: MixConfig) -> str:
     """Short hash of everything but the batch size that the order depends on (to refuse bad resumes)."""
     fields = {**dataclasses.asdict(mix), "global_batch_size": None,
               "ratios": {name: str(r) for name, r in exact_ratios(mix.ratios).items()},
+              "schedule": None if mix.schedule is None else mix.schedule.to_json(),
               "shard_counts": {name: [int(c) for c in counts]
                                for name, counts in zip(mix.ratios, _shard_arrays(shard_counts, mix))}}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def mixing_report(order: EpochOrder, mix: MixConfig) -> dict[str, Any]:
-    """Per-batch per-survey counts, exact max drift, duplicates and shards per batch, for loaders.inspect."""
+def mixing_report(order: EpochOrder, mix: MixConfig, epoch: int = 0) -> dict[str, Any]:
+    """Per-batch per-survey counts, exact max drift, duplicates and shards per batch, for loaders.inspect.
+
+    With a schedule, the allowed counts are each batch's own floor/ceil and the drift is against the schedule's
+    integral from step 0 (epoch `epoch` holds global batches epoch * num_batches on)."""
     num_surveys, batch_size = len(order.survey_names), order.global_batch_size
     batch_of = np.arange(len(order.samples)) // batch_size
     surveys = order.samples[:, 0]
     counts = np.bincount(batch_of * num_surveys + surveys, minlength=order.num_batches * num_surveys)
     counts = counts.reshape(order.num_batches, num_surveys)
-    shares = [exact_ratios(mix.ratios)[name] for name in order.survey_names]
-    floors = np.array([math.floor(batch_size * r) for r in shares])
-    ceils = np.array([math.ceil(batch_size * r) for r in shares])
-    drift = max_drift(counts, shares)
+    if mix.schedule is not None:
+        first = epoch * order.num_batches
+        floors, ceils = batch_bounds(mix.schedule, batch_size, first, first + order.num_batches)
+        drift = [worst for worst, _ in schedule_drift(mix.schedule, batch_size, counts, first)]
+    else:
+        shares = [exact_ratios(mix.ratios)[name] for name in order.survey_names]
+        floors = np.array([math.floor(batch_size * r) for r in shares])
+        ceils = np.array([math.ceil(batch_size * r) for r in shares])
+        drift = max_drift(counts, shares)
     num_unique, max_shards = [], []
     for s in range(num_surveys):
         rows = order.samples[surveys == s]
@@ -270,8 +308,14 @@ def mixing_report(order: EpochOrder, mix: MixConfig) -> dict[str, Any]:
 
 def _streams(shard_counts: ShardCounts, mix: MixConfig, epoch: int) -> Streams:
     _check_int("epoch", epoch, 0)
+    first = epoch * epoch_length(shard_counts, mix)[0] if mix.schedule is not None else 0
     return Streams(tuple(mix.ratios), _shard_arrays(shard_counts, mix), mix.seed, epoch, mix.shuffle_window_shards,
-                    dict(mix.ratios), mix.global_batch_size)
+                   functools.partial(_epoch_batches, mix, first))
+
+
+def _epoch_batches(mix: MixConfig, first: int, num_batches: int) -> np.ndarray:
+    """Counts of an epoch's first `num_batches` batches (past its end too: a pass boundary is sought by them)."""
+    return mix_allocation(mix, first, first + num_batches)
 
 
 def _shard_arrays(shard_counts: ShardCounts, mix: MixConfig) -> list[np.ndarray]:

@@ -8,14 +8,13 @@ pass's last ones, so no batch holds a galaxy twice.
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from loaders.pfair import allocate_batches, exact_ratios
+MAX_BOUNDARY_SEARCH = 1 << 22
 
 
 class Streams(NamedTuple):
@@ -25,8 +24,8 @@ class Streams(NamedTuple):
     seed: int
     epoch: int
     window: int
-    ratios: dict  # the mix's shares, for the batch allocation at a pass boundary
-    batch_size: int
+    allocation: Callable[[int], np.ndarray]
+    """Counts (n, num_surveys) of the epoch's first n global batches, to find the batch where a pass starts."""
 
 
 def stream_rows(streams: Streams, s: int, start: int, stop: int, cache: dict) -> np.ndarray:
@@ -82,9 +81,15 @@ def _boundary_split(streams: Streams, s: int, pass_index: int) -> tuple[int, int
     if pass_index == 0:
         return 0, 0
     boundary = pass_index * int(streams.shard_counts[s].sum())
-    share = exact_ratios(streams.ratios)[streams.names[s]] * streams.batch_size
-    counts = allocate_batches(streams.ratios, streams.batch_size, math.floor((boundary + 1) / share) + 2)[:, s]
-    ends = np.cumsum(counts)
+    num_batches = 64
+    while True:  # enough batches that survey s's running total passes the boundary
+        counts = streams.allocation(num_batches)[:, s]
+        ends = np.cumsum(counts)
+        if ends[-1] > boundary:
+            break
+        if num_batches >= MAX_BOUNDARY_SEARCH:
+            return 0, 0  # a schedule that stops drawing the survey: no batch ever holds this pass's start
+        num_batches *= 2
     b = int(np.searchsorted(ends, boundary, side="right"))
     return boundary - int(ends[b] - counts[b]), int(ends[b]) - boundary
 
