@@ -10,6 +10,7 @@ from torch import nn
 
 from models.backbone import build_backbone, pool_tokens, pooled_size
 from models.config import HeadConfig, ModelConfig
+from models.dann import reverse_gradient
 from sharding.schema import FeatureSchema, load_schema
 
 # exp(+-10) keeps concentrations in [4.5e-5, 2.2e4]: lgamma stays finite and accurate in float32.
@@ -168,6 +169,7 @@ class MorphologyModel(nn.Module):
         self.layout = OutputLayout(schema or load_schema(), tuple(config.head.other_questions))
         self.backbone = build_backbone(config)
         self.head = build_head(pooled_size(config), config.head, self.layout.num_outputs)
+        self.discriminator: nn.Module | None = None  # DANN training's survey discriminator (models.dann)
 
     @property
     def schema(self) -> FeatureSchema:
@@ -181,10 +183,18 @@ class MorphologyModel(nn.Module):
         """(N, C, H, W) images to the (N, D) pooled backbone features the head reads (embeddings, neighbours)."""
         return pool_tokens(self.backbone(pixel_values=images).last_hidden_state, self.config.pooling)
 
-    def forward(self, images: torch.Tensor, with_other: bool = False) -> torch.Tensor:
-        """(N, C, H, W) images to (N, F) named logits, or the (N, F + K) raw logits with `with_other`."""
-        raw = self.head(self.embed(images))
-        return raw if with_other else public_logits(raw, self.layout)
+    def forward(self, images: torch.Tensor, with_other: bool = False,
+                domain_lambda: float | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(N, C, H, W) images to (N, F) named logits, or the (N, F + K) raw logits with `with_other`.
+
+        With `domain_lambda` (DANN training), also the discriminator's (N, surveys) logits of the pooled features
+        behind a gradient reversal of that strength: one pass, inside the module DeepSpeed wraps."""
+        pooled = self.embed(images)
+        raw = self.head(pooled)
+        logits = raw if with_other else public_logits(raw, self.layout)
+        if domain_lambda is None:
+            return logits
+        return logits, self.discriminator(reverse_gradient(pooled, domain_lambda))
 
     def fractions(self, logits: torch.Tensor) -> torch.Tensor:
         return fractions(logits, self.layout)

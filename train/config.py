@@ -8,16 +8,30 @@ from typing import Literal
 
 from loaders.loader import LoaderConfig
 from models.config import LoraSettings
+from models.dann import DANNConfig
 from models.ssl_continued import ContinuedPretraining
 from models.ssl_heads import DINOHeadConfig
 from models.ssl_masks import MaskConfig
 from loaders.sampler import MixConfig
+from loaders.schedule import schedule_from_phases
 from sharding.config import config_file, from_dict, merge, parse_overrides, read_yaml
+
+
+@dataclass(frozen=True)
+class MixPhase:
+    """One phase of data.mix_schedule: its weights (normalised like `mix`) and the step it ends at (none: the last)."""
+    mix: str
+    until_step: int | None = None
 
 
 @dataclass(frozen=True)
 class DataConfig:
     mix: str = "sdss=0.33,decals=0.33,hst=0.34"  # survey=ratio, exact in every global batch
+    # Shares that change with the step, e.g. [{until_step: 2000, mix: "hst=2.5,sdss=1,decals=1.1"},
+    # {mix: "sdss=1,decals=1,hst=1"}]; replaces `mix` when given. Every batch is floor/ceil of its phase's shares and
+    # the running totals stay within one sample of the schedule's integral (loaders/schedule.py).
+    mix_schedule: list[MixPhase] = field(default_factory=list)
+    mix_interpolation: Literal["step", "linear"] = "step"  # linear: shares move from one phase's to the next's
     global_batch_size: int = 32  # over all ranks and accumulation micro-steps
     epoch_samples: int | None = None  # set this or epoch_multiplier
     epoch_multiplier: float | None = 3.0  # epoch = min(train samples per survey) * this (the plan's sizing)
@@ -36,9 +50,15 @@ class DataConfig:
             raise ValueError(f"data.label_fraction must be in (0, 1], got {self.label_fraction!r}")
 
     def mix_config(self, seed: int) -> MixConfig:
+        schedule = None
+        if self.mix_schedule:
+            phases = [{"mix": p.mix, **({} if p.until_step is None else {"until_step": p.until_step})}
+                      for p in self.mix_schedule]
+            schedule = schedule_from_phases(phases, self.mix_interpolation)
         return MixConfig(ratios=self.mix, global_batch_size=self.global_batch_size, seed=seed,
                          epoch_samples=self.epoch_samples, epoch_multiplier=self.epoch_multiplier,
-                         on_exhausted=self.on_exhausted, shuffle_window_shards=self.shuffle_window_shards)
+                         on_exhausted=self.on_exhausted, shuffle_window_shards=self.shuffle_window_shards,
+                         schedule=schedule)
 
 
 @dataclass(frozen=True)
@@ -105,6 +125,7 @@ class TrainConfig:
     model_overrides: list[str] = field(default_factory=list)  # e.g. ["head.dropout=0.2"]
     lora: LoraSettings = field(default_factory=LoraSettings)  # used by stage "lora"
     ssl: SSLConfig = field(default_factory=SSLConfig)  # used by stage "ssl"
+    dann: DANNConfig = field(default_factory=DANNConfig)  # domain-adversarial training (models/dann.py)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: Literal["mse", "dirichlet"] = "dirichlet"

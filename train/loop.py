@@ -20,11 +20,10 @@ import yaml
 from loaders.batch import Batch
 from loaders.loader import MixedLoader, build_loader
 from loaders.pfair import format_shares
-from loaders.shards import check_labelled
 from models.sample_noise import sample_seeds
 from sharding.config import to_dict
 from sharding.schema import FeatureSchema, load_schema
-from train import checkpoint, engine as ds, stages
+from train import checkpoint, dann, engine as ds, stages
 from train.config import TrainConfig
 from train.objective import Objective, build_objective
 from train.runlog import RunLog
@@ -76,13 +75,14 @@ def run_identity(cfg: TrainConfig, schema: FeatureSchema, model: torch.nn.Module
         identity["ssl"] = {"dino_head": to_dict(ssl.dino_head), "ibot_separate_head": ssl.ibot_separate_head,
                            "ibot_head": to_dict(ssl.ibot_head) if ssl.ibot_separate_head else None,
                            "continued": to_dict(ssl.continued)}
+    # DANN's discriminator: its shape and what its classes are (dann.weight and gamma may change on a resume).
+    identity["dann"] = ({"hidden": cfg.dann.hidden, "surveys": dann.mixed_surveys(cfg)} if cfg.dann.enabled
+                        else None)
     return identity
 
 
 def setup(cfg: TrainConfig, world: World, resume: str | None) -> Run:
-    if cfg.stage in ("head", "full", "lora"):  # supervised: refuse unlabeled surveys before any work
-        check_labelled(cfg.data.loader.shard_root, [*cfg.data.mix_config(cfg.seed).ratios, *cfg.data.val_surveys],
-                       f"stage {cfg.stage!r}")
+    dann.check_surveys(cfg)  # before any work: supervised stages refuse unlabeled surveys but DANN's targets
     on_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     ds.init_distributed("nccl" if on_cuda else "gloo")
     if on_cuda:
@@ -122,7 +122,12 @@ def setup(cfg: TrainConfig, world: World, resume: str | None) -> Run:
 
     validator = objective.validator(loader.surveys, schema.names, on_results)
     stats = StepStats(engine.device, world.rank, world.world_size, loader.surveys)
-    log.write(f"mix (normalised shares of every global batch of {mix.global_batch_size}): {format_shares(mix.ratios)}")
+    if mix.schedule is not None:
+        log.write(f"mix schedule by step ({mix.schedule.interpolation}; shares of every global batch of "
+                  f"{mix.global_batch_size}): {mix.schedule.describe()}")
+    else:
+        log.write(f"mix (normalised shares of every global batch of {mix.global_batch_size}): "
+                  f"{format_shares(mix.ratios)}")
     if cfg.stage == "head" and not (model.config.pretrained or cfg.init_from):
         log.write("warning: stage 'head' freezes a randomly initialised backbone (model.pretrained and init_from "
                   "are unset), so only a head on random features learns; train from scratch with stage 'full' "

@@ -51,7 +51,8 @@ class RunLog:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        for name in ("loss", "lr", "img_per_s", "data_wait_fraction", "grad_norm"):
+        for name in ("loss", "lr", "img_per_s", "data_wait_fraction", "grad_norm", "dann_loss", "dann_acc",
+                     "dann_lambda"):
             value = record.get(name)
             if self._tb is not None and isinstance(value, (int, float)) and math.isfinite(value):
                 self._tb.add_scalar(f"train/{name}", value, record["step"])

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from loaders.batch import Batch
+from loaders.schedule import schedule_allocation
 from models.config import load_model_config
 from models.head import MorphologyModel, fractions as head_fractions
 from models.io import BACKBONE_DIR, WEIGHTS_FILE, read_export_meta, save_backbone, save_export
@@ -69,7 +70,12 @@ def provenance(cfg: TrainConfig, step: int, val_results: dict | None = None) -> 
     input pipeline; the final validation summary and the git commit let a table say where a model came from.
     """
     loader = cfg.data.loader
-    mix = cfg.data.mix_config(cfg.seed).ratios
+    mix_config = cfg.data.mix_config(cfg.seed)
+    mix, schedule = mix_config.ratios, None
+    if mix_config.schedule is not None:  # the shares the run actually drew over its steps, and the schedule itself
+        drawn = schedule_allocation(mix_config.schedule, mix_config.global_batch_size, 0, cfg.max_steps).sum(axis=0)
+        mix = {n: int(c) / int(drawn.sum()) for n, c in zip(mix_config.schedule.names, drawn) if c}
+        schedule = mix_config.schedule.to_json()
     surveys = {}
     for survey in mix:
         manifest = Path(loader.shard_root) / survey / "manifest.json"
@@ -79,6 +85,7 @@ def provenance(cfg: TrainConfig, step: int, val_results: dict | None = None) -> 
     summary = {name: {k: v for k, v in res.items() if k != "features"} for name, res in (val_results or {}).items()}
     # The mix as [survey, share] pairs: JSON objects are written with sorted keys, and the order is the loaders'.
     return {"stage": cfg.stage, "step": step, "loss": cfg.loss, "mix": [[k, float(v)] for k, v in mix.items()],
+            "mix_schedule": schedule,
             "surveys": surveys, "input": {"image_size": loader.image_size, "mean": list(loader.mean),
                                           "std": list(loader.std)},
             "val_metrics": summary, "config": to_dict(cfg), "git_commit": checkpoint.git_commit()}
