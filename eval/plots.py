@@ -158,3 +158,44 @@ def contact_sheet(images: list[np.ndarray], titles: list[str], columns: int = 6)
         ax.set_title(title, fontsize=6)
     fig.tight_layout()
     return _png(fig)
+
+
+def heatmap(rows: list[str], columns: list[str], values: np.ndarray, cis: list[list[list[float] | None]],
+            title: str, xlabel: str, ylabel: str) -> bytes:
+    """A matrix of mean r (rows x columns), each cell annotated with its value and 95% interval; NaN cells blank."""
+    values = np.asarray(values, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.5 * len(columns) + 2.6, 0.62 * len(rows) + 1.9))
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=min(low, 0.0), vmax=max(high, 0.05),
+                      aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(columns)):
+            if not np.isfinite(values[i, j]):
+                continue
+            ci = cis[i][j]
+            text = f"{values[i, j]:.2f}" + (f"\n[{ci[0]:.2f}, {ci[1]:.2f}]" if ci and all(np.isfinite(ci)) else "")
+            bright = image.norm(values[i, j]) > 0.6
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="k" if bright else "w")
+    ax.set_xticks(np.arange(len(columns)), columns, fontsize=8)
+    ax.set_yticks(np.arange(len(rows)), rows, fontsize=8)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03).set_label("mean r", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return _png(fig)
+
+
+def curve(labels: list[str], series: dict[str, tuple[list[float], list[list[float]]]], title: str,
+          ylabel: str = "mean r") -> bytes:
+    """Values with 95% intervals along an ordered list (e.g. arms adding a survey each), one line per series."""
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.3 * len(labels) + 1.5), 3.6))
+    x = np.arange(len(labels))
+    for i, (name, (values, cis)) in enumerate(series.items()):
+        ax.errorbar(x + 0.04 * (i - (len(series) - 1) / 2), values, yerr=_errors(values, cis), fmt="o-", capsize=3,
+                    color=COLOURS[i % 10], label=name)
+    ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return _png(fig)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import re
 import shutil
@@ -19,7 +20,8 @@ EPILOG = """examples (Perlmutter: 4 A100 per node, constraint gpu, one task per 
   python -m launch sbatch --entry eval --gpus-per-node 1 -- predict --model runs/mixed --shards data/shards \\
       --surveys ukidss --split all --out preds/ukidss.parquet
   python -m launch shard --survey hst --parts 16 --cpus-per-task 32 -- --catalog cat.fits --images cutouts/
-  python -m launch torchrun --nproc-per-node 4 -- --config configs/train/tiny.yaml"""
+  python -m launch torchrun --nproc-per-node 4 -- --config configs/train/tiny.yaml
+  python -m launch study configs/studies/phase3.yaml     # arms and evaluations as a graph (study --help)"""
 
 
 def _rest(rest: list[str]) -> list[str]:
@@ -153,13 +155,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = sub.add_parser("sbatch", help="write (and submit) a batch job: training, evaluation or sharding")
     _job_options(p, gpus=4, cpus=16)
     p.add_argument("--entry", default="train", choices=sorted(slurm.ENTRIES),
-                   help="train: python -m train in every task; eval: python -m eval; shard: python -m sharding.build")
+                   help="train: python -m train in every task; eval: python -m eval; shard: python -m sharding.build; "
+                        "study: python -m launch study (what a study's data and evaluation jobs run, in one task)")
     p.set_defaults(func=cmd_sbatch)
     p = sub.add_parser("shard", help="an array job building a survey in --parts parts, then a merge job")
     _job_options(p, gpus=0, cpus=16)
     p.add_argument("--survey", required=True)
     p.add_argument("--parts", type=int, required=True, help="array tasks, one part of every split each")
     p.set_defaults(func=cmd_shard)
+    sub.add_parser("study", help="a study: training arms and evaluations as a graph, here or as SLURM jobs with "
+                                 "dependencies (python -m launch study --help)")
     for p in sub.choices.values():
         p.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
         p.add_argument("args", nargs=argparse.REMAINDER, help="-- then the entry point's arguments")
@@ -167,6 +172,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["study"]:  # its own commands and options (launch/study.py), imported by name as eval's jobs are
+        return importlib.import_module("launch.study").main(argv[1:])
     args = parse_args(argv)
     try:
         return args.func(args)

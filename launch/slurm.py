@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 PORT_BASE = 20000
 PORT_SPAN = 20000
-ENTRIES = {"train": "launch srun --", "eval": "eval", "shard": "sharding.build"}
+ENTRIES = {"train": "launch srun --", "eval": "eval", "shard": "sharding.build", "study": "launch study"}
+# Written last into <out_dir>/export by a finished run: train/stages.py (head, full, lora), train/ssl_state.py (ssl).
+EXPORT_MARKERS = ("export.json", "ssl_export.json")
 # What SLURM takes in each directive: no whitespace, newlines or quotes, so no value can leave its #SBATCH line.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 _LIST = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*(,[A-Za-z0-9][A-Za-z0-9._+-]*)*")
@@ -132,14 +134,15 @@ class JobSpec:
 
 
 def batch_script(spec: JobSpec, python: str, entry: str, args: list[str], out_dir: str | None = None,
-                 shell_args: tuple[str, ...] = ()) -> str:
+                 shell_args: tuple[str, ...] = (), setup: tuple[str, ...] = ()) -> str:
     """An sbatch script running `python -m <entry> ARGS` in every task of the job.
 
     Training (entry "train") is pre-emption safe: SIGUSR1 five minutes before the time limit (and SIGTERM from
     `scontrol requeue`) make it save a checkpoint and exit cleanly; a run that stopped before its export then
     requeues itself, and `--resume auto` continues exactly where it stopped. A task that fails takes the whole
     job down (--kill-on-bad-exit) instead of leaving the others waiting in a collective. `shell_args` go in
-    unquoted, for the job's own variables (e.g. "${SLURM_ARRAY_TASK_ID}/8").
+    unquoted, for the job's own variables (e.g. "${SLURM_ARRAY_TASK_ID}/8"); `setup` commands (already quoted) run
+    once on the job's first node before srun, and a failing one fails the job.
     """
     if entry not in ENTRIES:
         raise ValueError(f"--entry must be one of {sorted(ENTRIES)}, got {entry!r}")
@@ -150,14 +153,14 @@ def batch_script(spec: JobSpec, python: str, entry: str, args: list[str], out_di
     lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives), "", "set -euo pipefail",
              "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
              'echo "=== $(date -Is) job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}"',
-             f"srun --kill-on-bad-exit=1 {shlex.quote(python)} -m {ENTRIES[entry]} "
+             *setup, f"srun --kill-on-bad-exit=1 {shlex.quote(python)} -m {ENTRIES[entry]} "
              + " ".join([*(shlex.quote(a) for a in args), *shell_args])]
     if training:
         if not out_dir:
             raise ValueError("a training job needs the run's out_dir to tell a pre-emption from the end")
-        export = shlex.quote(f"{out_dir}/export/export.json")
+        finished = " ] && [ ! -f ".join(shlex.quote(f"{out_dir}/export/{m}") for m in EXPORT_MARKERS)
         lines += ["# srun returned 0: the run ended, or a signal made it save a checkpoint and stop early.",
-                  f"if [ ! -f {export} ]; then",
+                  f"if [ ! -f {finished} ]; then",
                   '  echo "stopped before the end: requeueing job ${SLURM_JOB_ID}; it resumes from its checkpoint"',
                   '  scontrol requeue "${SLURM_JOB_ID}"', "fi"]
     return "\n".join(lines) + "\n"

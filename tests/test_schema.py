@@ -61,6 +61,10 @@ def _validate_config(kind: str, path: Path) -> object:
     if kind == "eval":
         from eval.ood import OODConfig
         return load_config(OODConfig, path)
+    if kind == "studies":  # the study's structure, and every arm's training config with its overrides
+        from launch.study_config import load_study
+        from launch.study_graph import resolve_arms
+        return resolve_arms(load_study(path), "<study>", "<shards>")
     raise AssertionError(f"configs/{kind}/ has no dataclass in this test: add it")
 
 
