@@ -36,7 +36,10 @@ def held_out_summary(spec: dict, result: dict) -> dict:
         ind, mean, drop = run["in_distribution"]["mean"], run["mean"], run["drop"]
         ceiling = _load(result["held_out_metrics"][arm])["surveys"][held]["mean"]["ceiling_r"]
         share = drop["r"] / ceiling if _finite(drop["r"]) and _finite(ceiling) and ceiling > 0 else None
+        id_by_survey = {s: v["mean"]["r"] for s, v in run["in_distribution"]["surveys"].items()
+                        if _finite(v.get("mean", {}).get("r"))}
         arms[arm] = {"training_surveys": run["training_surveys"], "id_r": ind["r"], "id_r_ci": ind["r_ci"],
+                     "id_r_by_survey": id_by_survey,
                      "held_out_r": mean["r"], "held_out_r_ci": mean["r_ci"], "drop_r": drop["r"],
                      "drop_r_ci": drop["r_ci"], "held_out_ceiling_r": ceiling, "drop_share_of_ceiling": share,
                      "new_galaxies": run["subsets"]["new"], "export": run["export"]}
@@ -98,8 +101,36 @@ def summarize(out: Path) -> dict:
         if result.get("matrix"):
             summary["matrix"] = matrix_summary(spec, result)
         evaluations[spec["name"]] = summary
+    add_ceiling_shares(evaluations)
     return {"study": plan["study"], "source": plan["source"], "out": plan["out"], "shards": plan["shards"],
             "nodes": nodes, "evaluations": evaluations}
+
+
+TARGET_GAP = 0.15
+"""The original plan's success metric: a held-out survey's r, as a share of its noise ceiling, within 15% of the
+in-distribution share (1 - held-out share / ID share <= 0.15)."""
+
+
+def add_ceiling_shares(evaluations: dict) -> None:
+    """Each held-out arm's r as a share of the noise ceiling, held out and in distribution, and the gap between them.
+
+    A test split's noise ceiling depends on its votes alone, so an ID survey's ceiling is read from any matrix
+    cell of the same split; an arm with a training survey that no matrix scores gets no ID share (None)."""
+    ceilings: dict[str, float] = {}
+    for ev in evaluations.values():
+        for row in ev.get("matrix", {}).get("rows", {}).values():
+            for survey, cell in row["cells"].items():
+                if cell and _finite(cell.get("ceiling_r")):
+                    ceilings.setdefault(survey, cell["ceiling_r"])
+    for ev in evaluations.values():
+        for r in ev.get("held_out", {}).get("arms", {}).values():
+            held = r["held_out_r"] / r["held_out_ceiling_r"] if _finite(r["held_out_ceiling_r"]) else None
+            ids = r["id_r_by_survey"]
+            known = ids and all(s in ceilings for s in ids)
+            id_share = sum(v / ceilings[s] for s, v in ids.items()) / len(ids) if known else None
+            gap = 1 - held / id_share if held is not None and id_share else None
+            r.update({"held_out_share": held, "id_share": id_share, "share_gap": gap,
+                      "meets_target": None if gap is None else gap <= TARGET_GAP})
 
 
 def _cell(value, ci=None, signed: bool = False) -> str:
@@ -183,6 +214,13 @@ def _held_out_blocks(held: dict, figures: dict[str, Path]) -> list[tuple]:
                   f"{r['drop_share_of_ceiling']:.0%}" if _finite(r["drop_share_of_ceiling"]) else "-",
                   f"{_cell(r['new_galaxies']['r'], r['new_galaxies']['r_ci'])} (n={r['new_galaxies']['n']})"]
                  for a, r in held["arms"].items()]))
+    out.append(("p", f"The original plan's target: held-out {name} r as a share of its noise ceiling within "
+                      f"{TARGET_GAP:.0%} of the in-distribution share (the mean over the training surveys of r over "
+                      "each test split's ceiling, read from the matrix; '-' where a training survey has no matrix row)."))
+    pct = lambda x: f"{x:.0%}" if _finite(x) else "-"  # noqa: E731
+    out.append(("table", ["arm", f"{name} share", "ID share", "gap", f"within {TARGET_GAP:.0%}"],
+                [[a, pct(r.get("held_out_share")), pct(r.get("id_share")), pct(r.get("share_gap")),
+                  {True: "yes", False: "no"}.get(r.get("meets_target"), "-")] for a, r in held["arms"].items()]))
     if held["pairs"]:
         out.append(("p", f"Paired differences on the same {name} galaxies (eval ood's paired bootstrap)."))
         out.append(("table", ["a - b", "r difference", "P(> 0)", "on new galaxies"],

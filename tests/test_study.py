@@ -243,3 +243,20 @@ def test_phase3_plans_data_first_then_arms_then_evaluations(tmp_path):
         f"pretrained={tmp_path / 'arms' / 'ssl' / 'export'}/backbone"
     assert spec["dann"]["reads"] == ["sdss", "decals", "hst", "ukidss_unlabeled"]
     assert spec["data"]["makes"] == ["sdss", "decals", "hst", "ukidss", "ukidss_unlabeled", "hst_as_sdss"]
+
+
+def test_ceiling_shares_and_the_plans_target():
+    """The held-out and ID shares of the noise ceiling and their gap, against a hand computation."""
+    from launch.study_report import add_ceiling_shares
+
+    cell = lambda ceiling: {"r": 0.3, "r_ci": [0.2, 0.4], "ceiling_r": ceiling}  # noqa: E731
+    matrix = {"rows": {"a": {"training_surveys": ["a"], "cells": {"a": cell(0.8), "b": cell(0.5)}}}}
+    arms = {"ab": {"held_out_r": 0.2, "held_out_ceiling_r": 0.5, "id_r_by_survey": {"a": 0.4, "b": 0.3}},
+            "ac": {"held_out_r": 0.2, "held_out_ceiling_r": 0.5, "id_r_by_survey": {"a": 0.4, "c": 0.3}}}
+    evaluations = {"m": {"matrix": matrix}, "h": {"held_out": {"arms": arms}}}
+    add_ceiling_shares(evaluations)
+    ab = evaluations["h"]["held_out"]["arms"]["ab"]
+    id_share = (0.4 / 0.8 + 0.3 / 0.5) / 2  # 0.55
+    assert ab["held_out_share"] == pytest.approx(0.4) and ab["id_share"] == pytest.approx(id_share)
+    assert ab["share_gap"] == pytest.approx(1 - 0.4 / id_share) and ab["meets_target"] is False
+    assert evaluations["h"]["held_out"]["arms"]["ac"]["id_share"] is None  # no matrix row scores survey c
