@@ -14,6 +14,7 @@ JOBS = {
     "match": ("eval.match", "cross-match surveys by position: one-to-one nearest partners within a radius"),
     "agree": ("eval.agree", "does the model agree with itself on the same galaxy in two surveys, vs volunteers?"),
     "neighbors": ("eval.neighbors", "most similar galaxies by embedding (cosine), with a contact sheet"),
+    "select": ("eval.select_job", "active learning: the galaxies volunteers should label next (BALD, k-center)"),
     "report": ("eval.report", "one self-contained HTML report from the JSON outputs"),
 }
 

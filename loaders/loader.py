@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from loaders.batch import Batch, label_arrays, make_batch
+from loaders.include import restrict_to_keys
 from loaders.sampler import MixConfig, MixingSampler
 from loaders.shards import keep_label_fraction, load_shard_root
 from loaders.source import Backend, BatchSource, LoaderConfig
@@ -82,14 +83,17 @@ class MixedLoader:
 
 
 def build_loader(cfg: LoaderConfig, mix: MixConfig, rank: int = 0, world_size: int = 1,
-                 sampler_state: dict | None = None, label_fraction: float = 1.0) -> MixedLoader:
+                 sampler_state: dict | None = None, label_fraction: float = 1.0,
+                 include_keys: set[str] | None = None) -> MixedLoader:
     """The loader for one rank: shards of the mix's surveys under cfg.shard_root, sampler, backend.
 
     `label_fraction` < 1 keeps each survey's samples whose stable key hash is below it (loaders.shards.label_kept),
-    the same set on any world size; the sampler mixes the kept samples exactly.
+    the same set on any world size; the sampler mixes the kept samples exactly. `include_keys` first restricts each
+    survey with a listed key to its listed samples (loaders.include.restrict_to_keys).
     """
-    surveys = [keep_label_fraction(s, label_fraction) for s in load_shard_root(cfg.shard_root, list(mix.ratios),
-                                                                               cfg.split)]
+    surveys = restrict_to_keys(load_shard_root(cfg.shard_root, list(mix.ratios), cfg.split), include_keys or set(),
+                               cfg.split)
+    surveys = [keep_label_fraction(s, label_fraction) for s in surveys]
     sampler = MixingSampler({s.name: s.shard_counts for s in surveys}, mix)
     if sampler_state is not None:
         sampler.load_state_dict(sampler_state)

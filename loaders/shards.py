@@ -171,11 +171,17 @@ def keep_label_fraction(info: SurveyShards, fraction: float) -> SurveyShards:
     if fraction == 1.0:
         return info
     keep = [[label_kept(e.key, fraction) for e in entries] for entries in info.index]
-    index = [[e for e, k in zip(entries, kept) if k] for entries, kept in zip(info.index, keep)]
-    num_kept = sum(len(entries) for entries in index)
-    if num_kept == 0:
+    if not any(any(kept) for kept in keep):
         raise ValueError(f"data.label_fraction {fraction} keeps none of {info.name}'s {info.num_samples} samples; "
                          "raise it or leave the survey out of the mix")
+    return keep_samples(info, keep)
+
+
+def keep_samples(info: SurveyShards, keep: list[list[bool]]) -> SurveyShards:
+    """The survey with only the samples whose flag is set (one list of flags per shard, in index order).
+
+    Shards keep their positions (a shard may hold none); the label rows follow the index order."""
+    index = [[e for e, k in zip(entries, kept) if k] for entries, kept in zip(info.index, keep)]
     rows = np.flatnonzero(np.concatenate([np.asarray(k, bool) for k in keep]))
     starts = np.concatenate([[0], np.cumsum([len(e) for e in index])[:-1]]).astype(np.int64)
     return dataclasses.replace(info, index=index, features=info.features[rows], votes=info.votes[rows],

@@ -44,6 +44,9 @@ class DataConfig:
     # Share of each mixed survey's training samples kept, by a stable hash of the sample key (the same on any world
     # size; 0.1 keeps a subset of what 0.5 keeps); the sampler mixes the kept ones exactly. Validation is untouched.
     label_fraction: float = 1.0
+    # Files of sample keys (picks.parquet from `python -m eval select`, a CSV/Parquet key column, or one key per line):
+    # a mixed survey with a listed key trains on its listed samples only; surveys with none listed are untouched.
+    include_keys: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if not 0.0 < self.label_fraction <= 1.0:

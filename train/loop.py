@@ -18,6 +18,7 @@ import torch.distributed as dist
 import yaml
 
 from loaders.batch import Batch
+from loaders.include import read_key_files
 from loaders.loader import MixedLoader, build_loader
 from loaders.pfair import format_shares
 from models.sample_noise import sample_seeds
@@ -101,7 +102,8 @@ def setup(cfg: TrainConfig, world: World, resume: str | None) -> Run:
     engine = ds.Engine(model, objective.param_groups(), ds_config,
                        keep_fp32_fixed=world.is_main and cfg.precision != "fp32" and cfg.stage != "ssl")
     mix = cfg.data.mix_config(cfg.seed)
-    loader = build_loader(cfg.data.loader, mix, world.rank, world.world_size, label_fraction=cfg.data.label_fraction)
+    loader = build_loader(cfg.data.loader, mix, world.rank, world.world_size, label_fraction=cfg.data.label_fraction,
+                          include_keys=read_key_files(cfg.data.include_keys))
     log = RunLog(out_dir, world.is_main, cfg.max_steps, plan.step if plan else 0)
     objective.attach(engine, log.event, log.write)
     meta = {"config": to_dict(cfg), **identity, "world_size": world.world_size}
