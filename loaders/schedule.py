@@ -179,7 +179,7 @@ def _plan(schedule: MixSchedule, batch_size: int) -> _Plan:
                          f"of {batch_size} repeat only every {period} batches; use weights that are short fractions "
                          "of the batch (e.g. integers)")
     # Fractional parts of F_s at the tail's start decide which lag values the tail can hold.
-    start_frac = [sum((f for _, fr in targets for f in [fr[s]]), Fraction(0)) % 1 for s in range(n)]
+    start_frac = [sum((spare[s] for _, spare in targets), Fraction(0)) % 1 for s in range(n)]
     tail_good = _tail_fixed_point(tail, start_frac, period)
     reach = _backward(targets, start_frac, tail_good[0])
     if 0 not in reach[0]:
@@ -305,7 +305,7 @@ def schedule_drift(schedule: MixSchedule, batch_size: int, counts: np.ndarray,
     for i, row in enumerate(np.asarray(counts, dtype=np.int64)):
         integral = [x + batch_size * r for x, r in zip(integral, schedule.shares_at(first + i))]
         totals = [t + int(c) for t, c in zip(totals, row)]
-        worst = [max(w, (abs(t - x), i)) if abs(t - x) > w[0] else w for w, t, x in zip(worst, totals, integral)]
+        worst = [(abs(t - x), i) if abs(t - x) > w[0] else w for w, t, x in zip(worst, totals, integral)]
     return worst
 
 
