@@ -51,4 +51,23 @@ if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 # What the installs took comes off bench/gpu.py's budget.
 budget=$((${GPU_BENCH_SECONDS:-330} - ($(date +%s) - started)))
-"$PY" bench/gpu.py "${smoke[@]}" --budget-s "$budget" "$@"
+rc=0
+"$PY" bench/gpu.py "${smoke[@]}" --budget-s "$budget" "$@" || rc=$?
+
+# The service row (bench/serve.py, docs/BENCHMARKS.md "Service"): ViT-B/14 behind `python -m launch serve` on the GPU.
+# Guarded: it needs the 'serve' extra (fastapi, uvicorn, python-multipart; from WHEEL_DIR when there), runs only on
+# a GPU, is bounded by SERVE_BENCH_SECONDS (default 150) and can never change this script's exit status.
+if ((${#smoke[@]} == 0)); then
+  if [[ -n $WHEELS && -d $WHEELS ]]; then
+    "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" fastapi uvicorn python-multipart 2>/dev/null || true
+  fi
+  if "$PY" -c "import fastapi, uvicorn, httpx, prometheus_client, multipart" 2>/dev/null; then
+    timeout "${SERVE_BENCH_SECONDS:-150}" "$PY" bench/serve.py --model-config base --image-size 224 --device cuda \
+        --concurrency 8,32 \
+        --requests 400 --cores 16 --json bench/results/serve_gpu.json \
+      || echo "note: the ViT-B service row failed or ran out of time (exit $?); the rows above stand"
+  else
+    echo "note: no fastapi/uvicorn/python-multipart here (the 'serve' extra): the ViT-B service row is skipped"
+  fi
+fi
+exit "$rc"

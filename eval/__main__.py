@@ -15,6 +15,7 @@ JOBS = {
     "agree": ("eval.agree", "does the model agree with itself on the same galaxy in two surveys, vs volunteers?"),
     "neighbors": ("eval.neighbors", "most similar galaxies by embedding (cosine), with a contact sheet"),
     "select": ("eval.select_job", "active learning: the galaxies volunteers should label next (BALD, k-center)"),
+    "drift": ("eval.drift_job", "do new embeddings still look like the training surveys'? (MMD, kNN tests)"),
     "report": ("eval.report", "one self-contained HTML report from the JSON outputs"),
 }
 

@@ -199,3 +199,27 @@ def curve(labels: list[str], series: dict[str, tuple[list[float], list[list[floa
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
     return _png(fig)
+
+
+def labels_curve(series: dict[str, tuple[list[float], list[float], list[list[float]]]],
+                 reference: tuple[float, list[float]], reference_label: str, title: str,
+                 ylabel: str = "mean r") -> bytes:
+    """Active learning: the metric against labels used, one line per strategy (x, values, 95% intervals), and a
+    shaded band for the reference (e.g. random selection with every label)."""
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    value, (lo, hi) = reference
+    ax.axhline(value, color="0.3", lw=1, ls="--", label=reference_label)
+    ax.axhspan(lo, hi, color="0.85", zorder=0)
+    for i, (name, (x, values, cis)) in enumerate(series.items()):
+        shift = 1.0 + 0.012 * (i - (len(series) - 1) / 2)  # side by side on a log axis
+        ax.errorbar(np.asarray(x, float) * shift, values, yerr=_errors(values, cis), fmt="o-", capsize=3,
+                    color=COLOURS[i % 10], label=name)
+    ax.set_xscale("log")
+    ticks = sorted({int(v) for x, _, _ in series.values() for v in x})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("labelled galaxies")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return _png(fig)

@@ -1,14 +1,16 @@
 """`python -m eval select`: choose the galaxies volunteers should label next, from a model's predictions on a pool.
 
-The pool (a survey split of built shards) streams through the model `--chunk-rows` galaxies at a time; each chunk
-is scored (eval.select) and only the best `--candidates` per survey are kept, so memory does not grow with the
-pool. Strategies:
+The pool (a survey split of built shards, or a catalog + image folder rendered as sharding.build renders it: see
+eval.select_pool) streams through the model `--chunk-rows` galaxies at a time; each chunk is scored (eval.select)
+and only the best `--candidates` per survey are kept, so memory does not grow with the pool. Strategies:
   random       a stable hash of (seed, key): the same picks whatever the chunking
   uncertainty  the top BALD scores (Dirichlet models) or MC variances (MSE models) from --mc-samples passes
-  diversity    k-center greedy on the embeddings of a seeded random reservoir of --candidates galaxies
+  diversity    k-center greedy on the embeddings of a seeded random reservoir of --candidates galaxies, starting
+               from the pool's already-labelled (--exclude) galaxies: picks fill what the labels do not cover
   hybrid       the --candidates most uncertain (default 4 x budget), then k-center greedy on their embeddings
 Outputs: <out> (key, survey, object_id, ra, dec, score, rank, strategy); <out>.manifest.csv and <out>_images/
-for the Zooniverse subject uploader; <out>.png, a contact sheet of the first picks.
+for the Zooniverse subject uploader; <out>.png, a contact sheet of the first picks; <out>.rejects.parquet, the
+galaxies that could not be read or rendered (skipped, never silently).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,14 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from eval import reading, select, source as sources
+from eval import reading, select, select_pool, source as sources
 from eval.infer import check_mc, infer, resolve_device
+from eval.predict import rejects_path
+from eval.select_pool import CatalogPool, ShardPool
+from eval.select_state import Checkpoint
 from eval.store import METADATA_KEY, read_metadata
 from loaders.include import read_key_files
 from loaders.loader import LoaderConfig
-from loaders.shards import SampleReader, SurveyShards, load_survey_shards
 from models.backbone import pooled_size
 from models.head import concentrations, fractions
 from sharding.writer import sha256_of
@@ -41,12 +44,15 @@ EXAMPLES = """examples:
       --strategy hybrid --mc-samples 10 --exclude labelled.txt --out round1.parquet
   python -m eval select --model runs/mixed --pool data/shards --surveys decals,sdss --budget 1000 \\
       --strategy uncertainty --quota decals=0.5,sdss=0.5 --out round1.parquet
+  python -m eval select --model runs/decals --pool new_cutouts.csv --images cutouts/ --survey decals \
+      --budget 500 --strategy hybrid --workers 8 --out round1.parquet   (no shards: rows rendered as the build does)
   then: panoptes subject-set upload-subjects SUBJECT_SET_ID round1.manifest.csv  (from round1_images/)
 and, once the votes are sharded, train on the picks: python -m train ... data.include_keys=[round1.parquet]
 Re-running with the same arguments finds the finished output and stops (nothing is recomputed); --overwrite
-selects anew. A killed run starts over (predictions are not cached)."""
+selects anew. A killed run continues from the last chunk it finished (<out>.progress.npz)."""
 STRATEGIES = ("random", "uncertainty", "diversity", "hybrid")
-STREAM_ID = 2**40  # candidate id = stream * STREAM_ID + row in the split: keys are looked up only for the kept few
+STREAM_ID = 2**40  # candidate id = pool * STREAM_ID + row in the pool: keys are looked up only for the kept few
+Pool = ShardPool | CatalogPool
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,9 +61,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Pick --budget galaxies of a pool for volunteers to label next, by uncertainty (BALD from MC "
                     "dropout), diversity (k-center greedy on embeddings), both, or at random.")
     parser.add_argument("--model", required=True, help="a training run folder or its export/ folder")
-    parser.add_argument("--pool", required=True, help="shard root of the unlabelled pool (<root>/<survey>/)")
-    parser.add_argument("--surveys", required=True, help="comma-separated surveys under --pool")
-    parser.add_argument("--split", default="train", help="the split to pick from (train, val, test)")
+    parser.add_argument("--pool", required=True, help="the unlabelled pool: a shard root (<root>/<survey>/, with "
+                                                      "--surveys) or a catalog file (with --images and --survey)")
+    parser.add_argument("--surveys", help="shard pool: comma-separated surveys under --pool")
+    parser.add_argument("--split", default="train", help="shard pool: the split to pick from (train, val, test); "
+                                                         "ignored for a catalog pool, whose every row is a candidate")
+    parser.add_argument("--images", help="catalog pool: the image folder of the --pool catalog")
+    parser.add_argument("--survey", help="catalog pool: its survey (the YAML gives id column, pattern, bands)")
+    parser.add_argument("--image-pattern", help="catalog pool: file name pattern ({id}, {band}); default: YAML's")
+    parser.add_argument("--render-size", type=int, help="catalog pool: rendering size (default: the YAML's, as "
+                                                        "sharding.build)")
+    parser.add_argument("--workers", type=int, default=1, help="catalog pool: rendering processes")
     parser.add_argument("--budget", type=int, required=True, help="galaxies to pick")
     parser.add_argument("--strategy", required=True, choices=STRATEGIES)
     parser.add_argument("--out", required=True, help="picks Parquet file")
@@ -69,6 +83,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                         "remainder); default: one ranking over all surveys")
     parser.add_argument("--candidates", type=int, help="galaxies kept for k-center (hybrid: 4 x budget; diversity: "
                                                        "max(20 x budget, 10000))")
+    parser.add_argument("--labelled-cap", type=int, default=20_000,
+                        help="diversity, hybrid: k-center starts from the embeddings of up to this many excluded "
+                             "galaxies found in the pool (a seeded sample), so picks cover what is not labelled "
+                             "yet; 0: start from a random galaxy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk-rows", type=int, default=reading.CHECK_ROWS, help="galaxies scored at a time")
     parser.add_argument("--sheet-size", type=int, default=24, help="picks shown in the contact sheet")
@@ -86,24 +104,9 @@ def parse_quota(text: str | None, surveys: list[str]) -> dict[str, float] | None
     for part in text.split(","):
         survey, _, share = part.partition("=")
         if survey.strip() not in surveys or not share:
-            raise ValueError(f"--quota {text!r}: {part!r} must be survey=share for a survey of --surveys {surveys}")
+            raise ValueError(f"--quota {text!r}: {part!r} must be survey=share for a survey of the pool {surveys}")
         quotas[survey.strip()] = float(share)
     return quotas
-
-
-@dataclass
-class Pool:
-    """One survey split of the pool: shard index and the catalogue columns of its keys."""
-    survey: str
-    info: SurveyShards
-    refs: np.ndarray
-    catalog: pd.DataFrame  # indexed by key: object_id, ra, dec
-
-
-def open_pool(root: Path, survey: str, split: str) -> Pool:
-    info = load_survey_shards(root / survey, split)
-    catalog = pd.read_parquet(root / survey / "labels.parquet", columns=["key", "object_id", "ra", "dec"])
-    return Pool(survey, info, reading.split_refs(info), catalog.set_index("key"))
 
 
 class Scorer:
@@ -143,49 +146,54 @@ class Scorer:
         return select.mc_variance_scores(frac, self.schema, parents), out.embedding
 
 
-def _stream_keys(pool: Pool, rows: np.ndarray) -> list[str]:
-    return [pool.info.key(int(pool.refs[r][1]), int(pool.refs[r][2])) for r in rows]
-
-
 def stream_pool(scorer: Scorer, pools: list[Pool], tops: dict[str, select.TopCandidates], excluded: set[str],
-                args: argparse.Namespace) -> tuple[int, int]:
-    """Scores every readable galaxy into its survey's candidates (or the shared one); returns how many were seen
-    and how many were unreadable (skipped, as eval predict skips them, up to its error rate)."""
+                args: argparse.Namespace, labelled: select.TopCandidates | None, checkpoint: Checkpoint) -> int:
+    """Scores every readable galaxy into its survey's candidates (or the shared one); returns how many were seen.
+    Unreadable ones stay in their pool's reject_rows. With `labelled`, the excluded galaxies of the pool are
+    embedded into it (k-center then starts from them, so picks fill the gaps the labelled set leaves). Continues
+    from the checkpoint, and saves one after each chunk."""
     spec = scorer.source.input_spec()
     cfg = LoaderConfig(backend="torch", image_size=spec.image_size, mean=spec.mean, std=spec.std)
-    seen = unreadable = 0
-    bar = tqdm(total=sum(len(p.refs) for p in pools), unit="gal", desc="select", disable=args.no_progress,
-               dynamic_ncols=True, mininterval=0.5)
+    at = checkpoint.load(tops, labelled) or {"pool": 0, "start": 0, "seen": 0, "states": []}
+    for pool, state in zip(pools, at["states"]):
+        pool.restore(state)
+    seen = at["seen"]
+    bar = tqdm(total=sum(len(p) for p in pools), unit="gal", desc="select", disable=args.no_progress,
+               dynamic_ncols=True, mininterval=0.5, initial=sum(len(p) for p in pools[:at["pool"]]) + at["start"])
     for number, pool in enumerate(pools):
+        if number < at["pool"]:
+            continue
         top = tops.get(pool.survey) or tops["*"]
-        rejects = reading.Rejects(pool.info, args.split)
-        for start in range(0, len(pool.refs), args.chunk_rows):
-            rows = np.arange(start, min(start + args.chunk_rows, len(pool.refs)))
-            keep = np.array([k not in excluded for k in _stream_keys(pool, rows)], bool)
+        for start in range(at["start"] if number == at["pool"] else 0, len(pool), args.chunk_rows):
+            if start:
+                checkpoint.save(tops, labelled, {"pool": number, "start": start, "seen": seen,
+                                                 "states": [p.state() for p in pools]})
+            rows = np.arange(start, min(start + args.chunk_rows, len(pool)))
+            keep = np.array([k not in excluded for k in pool.keys(rows)], bool)
             bar.update(len(rows))
-            rows = rows[keep]
-            if scorer.model is None:  # random needs no images
-                top.add(scorer.score(None, _stream_keys(pool, rows), pool.survey, 0)[0], number * STREAM_ID + rows)
-                seen += len(rows)
-                continue
-            for batch in reading.iter_batches(cfg, pool.info, pool.refs[rows], rows, batch_size=args.batch_size,
-                                              rejects=rejects):
-                seed = (args.seed * 1_000_003 + number * 1_000_000_007 + int(batch.rows[0])) % 2**63
-                scores, embedding = scorer.score(batch.images, batch.keys, pool.survey, seed)
-                top.add(scores, number * STREAM_ID + batch.rows, embedding if top.payload.shape[1] else None)
-                seen += len(batch.keys)
-        unreadable += rejects.num_bad
+            if labelled is not None and not keep.all():
+                for images, keys, _ in pool.batches(rows[~keep], args.batch_size, cfg):
+                    embedding = infer(scorer.model, images).embedding
+                    labelled.add(select.random_scores(keys, args.seed), np.zeros(len(keys), np.int64), embedding)
+            for images, keys, batch_rows in pool.batches(rows[keep], args.batch_size, cfg,
+                                                         decode=scorer.model is not None):
+                seed = (args.seed * 1_000_003 + number * 1_000_000_007 + int(batch_rows[0])) % 2**63
+                scores, embedding = scorer.score(images, keys, pool.survey, seed)
+                top.add(scores, number * STREAM_ID + batch_rows, embedding if top.payload.shape[1] else None)
+                seen += len(keys)
     bar.close()
-    return seen, unreadable
+    return seen
 
 
-def pick(top: select.TopCandidates, count: int, strategy: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, scores) of the picks in rank order; diversity's scores are NaN (its order is the k-center order)."""
+def pick(top: select.TopCandidates, count: int, strategy: str, seed: int,
+         already: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, scores) of the picks in rank order; diversity's scores are NaN (its order is the k-center order).
+    `already`: embeddings of labelled galaxies that k-center counts as chosen."""
     scores, ids, payload = top.result()
     if strategy in ("random", "uncertainty") or count >= len(ids):
         order = np.arange(min(count, len(ids)))
     else:
-        order = select.k_center_greedy(payload, count, seed=seed)
+        order = select.k_center_greedy(payload, count, already=already, seed=seed)
     picked = scores[order] if strategy != "diversity" else np.full(len(order), np.nan)
     return ids[order], picked
 
@@ -196,7 +204,7 @@ def picks_frame(pools: list[Pool], picks: dict[str, tuple[np.ndarray, np.ndarray
     for ids, scores in picks.values():
         for i, (ident, score) in enumerate(zip(ids, scores)):
             pool = pools[int(ident) // STREAM_ID]
-            key = _stream_keys(pool, np.array([int(ident) % STREAM_ID]))[0]
+            key = pool.keys(np.array([int(ident) % STREAM_ID]))[0]
             entry = pool.catalog.loc[key]
             rows.append({"key": key, "survey": pool.survey, "object_id": str(entry["object_id"]),
                          "ra": float(entry["ra"]), "dec": float(entry["dec"]), "score": float(score),
@@ -209,92 +217,89 @@ def picks_frame(pools: list[Pool], picks: dict[str, tuple[np.ndarray, np.ndarray
     return frame
 
 
-def write_upload(frame: pd.DataFrame, pools: list[Pool], out: Path) -> tuple[Path, Path]:
-    """The picks' images (the shards' own JPEG/PNG bytes) and a Zooniverse subject manifest naming them."""
+def write_upload(frame: pd.DataFrame, pools: list[Pool], out: Path, sheet_size: int) -> tuple[Path, Path, Path | None]:
+    """The picks' images (the shards' own bytes, or the catalog rows rendered again), a Zooniverse subject manifest
+    naming them, and a contact sheet of the first `sheet_size` picks."""
+    from eval import plots
+
     folder = out.with_name(out.name.removesuffix(".parquet") + "_images")
     folder.mkdir(parents=True, exist_ok=True)
     by_survey = {p.survey: p for p in pools}
-    names = []
+    names, first, shown_keys = {}, {}, set(frame["key"].head(sheet_size))
     for survey, group in frame.groupby("survey", sort=False):
-        info = by_survey[survey].info
-        where = {e.key: (s, i) for s, entries in enumerate(info.index) for i, e in enumerate(entries)}
-        reader = SampleReader([info])
-        try:
-            for key in group["key"]:
-                name = f"{key}.{info.image_ext}"
-                (folder / name).write_bytes(reader.read(0, *where[key]))
-                names.append((key, name))
-        finally:
-            reader.close()
-    image_of = dict(names)
+        pool = by_survey[survey]
+        for key, data in pool.image_bytes(group["key"].tolist()).items():
+            names[key] = f"{key}.{pool.image_ext}"
+            (folder / names[key]).write_bytes(data)
+            if key in shown_keys:
+                first[key] = data
     # The uploader makes every column subject metadata; names starting with '#' are hidden from volunteers, so the
     # model's score and rank cannot sway their answers.
-    manifest = pd.DataFrame({"id": frame["key"], "image_1": [image_of[k] for k in frame["key"]],
+    manifest = pd.DataFrame({"id": frame["key"], "image_1": [names[k] for k in frame["key"]],
                              "ra": frame["ra"], "dec": frame["dec"], "#survey": frame["survey"],
                              "#object_id": frame["object_id"], "#score": frame["score"], "#rank": frame["rank"]})
     manifest_path = out.with_name(out.name.removesuffix(".parquet") + ".manifest.csv")
     manifest.to_csv(manifest_path, index=False)
-    return folder, manifest_path
+    thumbs = select_pool.thumbnails(first)
+    shown = [row for row in frame.head(sheet_size).itertuples() if row.key in thumbs]
+    sheet = out.with_suffix(".png") if shown else None
+    if shown:
+        titles = [f"#{row.rank} {row.score:.3f}\n{row.key}" for row in shown]
+        sheet.write_bytes(plots.contact_sheet([thumbs[row.key] for row in shown], titles, columns=min(6, len(shown))))
+    return folder, manifest_path, sheet
 
 
-def write_sheet(frame: pd.DataFrame, root: Path, out: Path, size: int) -> Path | None:
-    from eval import plots
-    from eval.thumbnails import read_thumbnails
-
-    first = frame.head(size)
-    thumbs = read_thumbnails(root, first["key"].tolist())
-    shown = [row for row in first.itertuples() if row.key in thumbs]
-    if not shown:
-        return None
-    path = out.with_suffix(".png")
-    titles = [f"#{row.rank} {row.score:.3f}\n{row.key}" for row in shown]
-    path.write_bytes(plots.contact_sheet([thumbs[row.key] for row in shown], titles, columns=min(6, len(shown))))
-    return path
-
-
-def signature(args: argparse.Namespace, source: sources.ModelSource, surveys: list[str]) -> dict:
-    """What makes two selections the same: arguments, weights and shard manifests (not progress or device)."""
-    options = {k: v for k, v in vars(args).items() if k not in ("no_progress", "overwrite", "device", "out")}
-    return {**options, "model": source.record()["weights_sha256"],
-            "manifests": {s: sha256_of(Path(args.pool) / s / "manifest.json") for s in surveys},
+def signature(args: argparse.Namespace, source: sources.ModelSource) -> dict:
+    """What makes two selections the same: arguments, weights and the pool's content (shard manifests, or the
+    catalog's sha256 and render settings); not progress, device or rendering processes."""
+    ignored = ("no_progress", "overwrite", "device", "out", "workers") + \
+        (("split",) if select_pool.is_catalog(args) else ())
+    options = {k: v for k, v in vars(args).items() if k not in ignored}
+    return {**options, "model": source.record()["weights_sha256"], "pool_content": select_pool.fingerprint(args),
             "exclude_sha256": [sha256_of(p) for p in args.exclude]}
 
 
 def run(args: argparse.Namespace) -> dict:
     if args.budget < 1:
         raise ValueError(f"--budget must be >= 1, got {args.budget}")
-    root, out = Path(args.pool), Path(args.out)
-    surveys = [s.strip() for s in args.surveys.split(",") if s.strip()]
+    out = Path(args.out)
+    surveys = select_pool.pool_surveys(args)
     source = sources.open_source(args.model)
-    sig = signature(args, source, surveys)
+    sig = signature(args, source)
     if out.is_file() and not args.overwrite and read_metadata(out).get("signature") == sig:
         return {"out": str(out), "resumed": True, "rows": pq.read_metadata(out).num_rows}
     quotas = parse_quota(args.quota, surveys)
     counts = select.quota_counts(args.budget, quotas) if quotas else {"*": args.budget}
-    pools = [open_pool(root, s, args.split) for s in surveys]
-    for s in surveys:
-        sources.check_shards(source, root / s, source.input_spec())
+    pools = select_pool.open_pools(args, source)
     scorer = Scorer(args, source)
     dims = 0 if scorer.model is None or args.strategy == "uncertainty" else pooled_size(scorer.model.config)
     tops = {name: select.TopCandidates(candidate_capacity(args.strategy, n, args.candidates), dims)
             for name, n in counts.items()}
     excluded = read_key_files(args.exclude)
-    seen, unreadable = stream_pool(scorer, pools, tops, excluded, args)
-    picks = {name: pick(top, counts[name], args.strategy, args.seed) for name, top in tops.items()}
+    labelled = select.TopCandidates(args.labelled_cap, dims) if dims and args.labelled_cap else None
+    checkpoint = Checkpoint(out, sig)
+    if args.overwrite:
+        checkpoint.remove()
+    seen = stream_pool(scorer, pools, tops, excluded, args, labelled, checkpoint)
+    rejects = [row for pool in pools for row in pool.reject_rows]
+    already = labelled.result()[2] if labelled is not None and len(labelled.ids) else None
+    picks = {name: pick(top, counts[name], args.strategy, args.seed, already) for name, top in tops.items()}
     frame = picks_frame(pools, picks, args.strategy)
     assert not set(frame["key"]) & excluded
     table = pa.Table.from_pandas(frame, preserve_index=False)
-    meta = {"signature": sig, "model": source.record(), "seen": seen, "unreadable": unreadable, "counts": counts}
+    meta = {"signature": sig, "model": source.record(), "seen": seen, "unreadable": len(rejects), "counts": counts,
+            "labelled_embedded": 0 if already is None else len(already)}
     out.parent.mkdir(parents=True, exist_ok=True)
-    folder, manifest = write_upload(frame, pools, out)
-    sheet = write_sheet(frame, root, out, args.sheet_size)
+    folder, manifest, sheet = write_upload(frame, pools, out, args.sheet_size)
+    pd.DataFrame(rejects, columns=pools[0].reject_columns).to_parquet(rejects_path(out), index=False)
     partial = out.with_name(out.name + ".partial")  # the finished file appears whole, after its companions
     pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}),
                                                   METADATA_KEY: json.dumps(meta, sort_keys=True).encode()}), partial)
     partial.replace(out)
+    checkpoint.remove()
     short = [n for n, c in counts.items() if int((frame["survey"] == n).sum() if n != "*" else len(frame)) < c]
-    return {"out": str(out), "resumed": False, "rows": len(frame), "seen": seen, "unreadable": unreadable,
-            "images": str(folder),
+    return {"out": str(out), "resumed": False, "rows": len(frame), "seen": seen, "unreadable": len(rejects),
+            "rejects": str(rejects_path(out)), "catalog": isinstance(pools[0], CatalogPool), "images": str(folder),
             "manifest": str(manifest), "sheet": str(sheet) if sheet else None, "short": short}
 
 
@@ -323,8 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"picked {summary['rows']} of {summary['seen']} galaxies: {summary['out']}; upload manifest "
           f"{summary['manifest']} (images in {summary['images']}); contact sheet {summary['sheet']}")
     if summary["unreadable"]:
-        print(f"warning: {summary['unreadable']} unreadable galaxies were skipped; check the shards with "
-              "`python -m sharding.verify`", file=sys.stderr)
+        fix = "fix or drop those catalog rows" if summary["catalog"] else \
+            "check the shards with `python -m sharding.verify`"
+        print(f"warning: {summary['unreadable']} unreadable galaxies were skipped, listed in {summary['rejects']}; "
+              f"{fix}", file=sys.stderr)
     if summary["short"]:
         print(f"warning: the pool of {summary['short']} held fewer galaxies than its share of the budget",
               file=sys.stderr)

@@ -21,7 +21,10 @@ EPILOG = """examples (Perlmutter: 4 A100 per node, constraint gpu, one task per 
       --surveys ukidss --split all --out preds/ukidss.parquet
   python -m launch shard --survey hst --parts 16 --cpus-per-task 32 -- --catalog cat.fits --images cutouts/
   python -m launch torchrun --nproc-per-node 4 -- --config configs/train/tiny.yaml
-  python -m launch study configs/studies/phase3.yaml     # arms and evaluations as a graph (study --help)"""
+  python -m launch study configs/studies/phase3.yaml     # arms and evaluations as a graph (study --help)
+  python -m launch registry add runs/mixed --name morphology --metrics ukidss.json   # (registry --help)
+  python -m launch serve --model models:/morphology@production --port 8000   # the service (serve --help)
+  python -m launch sbatch --entry serve --nodes 2 --gpus-per-node 1 -- --model models:/morphology@production"""
 
 
 def _rest(rest: list[str]) -> list[str]:
@@ -90,6 +93,9 @@ def _write(script_path: str, text: str, log_dir: str, dry_run: bool) -> Path:
 def cmd_sbatch(args: argparse.Namespace) -> int:
     rest = _rest(args.args)
     out_dir = None
+    if args.entry == "serve":  # one replica per node, listening on the node's interfaces (slurm.serve_args)
+        rest = slurm.serve_args(rest)
+        args.ntasks_per_node = args.ntasks_per_node or 1
     if args.entry == "train":
         if "--resume" not in rest:  # a requeued job must continue, not start over
             rest = ["--resume", "auto", *rest]
@@ -156,13 +162,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     _job_options(p, gpus=4, cpus=16)
     p.add_argument("--entry", default="train", choices=sorted(slurm.ENTRIES),
                    help="train: python -m train in every task; eval: python -m eval; shard: python -m sharding.build; "
-                        "study: python -m launch study (what a study's data and evaluation jobs run, in one task)")
+                        "study: python -m launch study (what a study's data and evaluation jobs run, in one task); "
+                        "serve: python -m launch serve, one stateless replica per node (its log names host:port)")
     p.set_defaults(func=cmd_sbatch)
     p = sub.add_parser("shard", help="an array job building a survey in --parts parts, then a merge job")
     _job_options(p, gpus=0, cpus=16)
     p.add_argument("--survey", required=True)
     p.add_argument("--parts", type=int, required=True, help="array tasks, one part of every split each")
     p.set_defaults(func=cmd_shard)
+    sub.add_parser("serve", help="the morphology service over HTTP (python -m launch serve --help)")
+    sub.add_parser("registry", help="the model registry (MLflow): add, list, show, promote, rollback "
+                                    "(python -m launch registry --help)")
     sub.add_parser("study", help="a study: training arms and evaluations as a graph, here or as SLURM jobs with "
                                  "dependencies (python -m launch study --help)")
     for p in sub.choices.values():
@@ -173,6 +183,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # its own options (launch/serve.py); fastapi and uvicorn load only here
+        return importlib.import_module("launch.serve").main(argv[1:])
+    if argv[:1] == ["registry"]:  # its own commands (launch/registry.py); mlflow loads only here
+        return importlib.import_module("launch.registry").main(argv[1:])
     if argv[:1] == ["study"]:  # its own commands and options (launch/study.py), imported by name as eval's jobs are
         return importlib.import_module("launch.study").main(argv[1:])
     args = parse_args(argv)

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 PORT_BASE = 20000
 PORT_SPAN = 20000
-ENTRIES = {"train": "launch srun --", "eval": "eval", "shard": "sharding.build", "study": "launch study"}
+ENTRIES = {"train": "launch srun --", "eval": "eval", "shard": "sharding.build", "study": "launch study",
+           "serve": "launch serve"}
+SERVE_PORT = 8000  # launch/serve.py's default --port
 # Written last into <out_dir>/export by a finished run: train/stages.py (head, full, lora), train/ssl_state.py (ssl).
 EXPORT_MARKERS = ("export.json", "ssl_export.json")
 # What SLURM takes in each directive: no whitespace, newlines or quotes, so no value can leave its #SBATCH line.
@@ -133,6 +135,22 @@ class JobSpec:
         return out
 
 
+def serve_args(args: list[str]) -> list[str]:
+    """A service replica on a cluster node listens on the node's interfaces unless --host says otherwise."""
+    return args if any(a == "--host" or a.startswith("--host=") for a in args) else ["--host", "0.0.0.0", *args]
+
+
+def _serve_lines(entry: str, args: list[str]) -> list[str]:
+    if entry != "serve":
+        return []
+    port = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == "--port"), None)
+    port = port or next((a.split("=", 1)[1] for a in args if a.startswith("--port=")), str(SERVE_PORT))
+    if not port.isdigit():
+        raise ValueError(f"--port must be a number, got {port!r}")
+    return [f'echo "=== service replicas on ${{SLURM_JOB_NODELIST}}, port {port}: each logs its http://<node>:{port}; '
+            'they are stateless: put any number behind a load balancer"']
+
+
 def batch_script(spec: JobSpec, python: str, entry: str, args: list[str], out_dir: str | None = None,
                  shell_args: tuple[str, ...] = (), setup: tuple[str, ...] = ()) -> str:
     """An sbatch script running `python -m <entry> ARGS` in every task of the job.
@@ -153,7 +171,7 @@ def batch_script(spec: JobSpec, python: str, entry: str, args: list[str], out_di
     lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives), "", "set -euo pipefail",
              "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
              'echo "=== $(date -Is) job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}"',
-             *setup, f"srun --kill-on-bad-exit=1 {shlex.quote(python)} -m {ENTRIES[entry]} "
+             *setup, *_serve_lines(entry, args), f"srun --kill-on-bad-exit=1 {shlex.quote(python)} -m {ENTRIES[entry]} "
              + " ".join([*(shlex.quote(a) for a in args), *shell_args])]
     if training:
         if not out_dir:

@@ -49,6 +49,8 @@ def plan(study: StudyConfig, out: str | Path, shards: str | Path) -> list[Node]:
     out, shards = str(out), str(shards)
     made = set(study.data.makes()) if study.data is not None else set()
     configs, hashed = resolve_arms(study, out, shards), resolve_arms(study, OUT_PLACEHOLDER, SHARDS_PLACEHOLDER)
+    for config in hashed.values():
+        config.pop("tracking", None)  # where the run is logged does not change what it computes
     return ([data_node(study, out, shards)] if study.data is not None else []) + \
         [arm_node(study, name, configs[name], hashed[name], out, shards, made) for name in configs] + \
         [eval_node(study, name, configs, out, shards, made) for name in study.evaluations]

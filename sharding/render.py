@@ -99,18 +99,25 @@ def prepare_sample(paths: list[Path], *, image_size: int, image_format: str = "j
     Deterministic: identical input gives identical bytes. Raises ImageError on unusable input, ValueError
     on bad arguments.
     """
-    if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
-    if image_size < 1 or not 1 <= jpeg_quality <= 100 or jpeg_chroma not in JPEG_CHROMA:
-        raise ValueError(f"need image_size >= 1, jpeg_quality in 1..100 and jpeg_chroma in {list(JPEG_CHROMA)}, "
-                         f"got {image_size}, {jpeg_quality}, {jpeg_chroma!r}")
+    _check_render_args(image_size, image_format, jpeg_quality, jpeg_chroma)
     data, is_8bit_rgb = read_stack(paths, draft_size=image_size)
+    return render_sample(data, is_8bit_rgb, image_size=image_size, image_format=image_format, keep_float=keep_float,
+                         jpeg_quality=jpeg_quality, jpeg_chroma=jpeg_chroma, source=", ".join(map(str, paths)))
+
+
+def render_sample(data: np.ndarray, is_8bit_rgb: bool, *, image_size: int, image_format: str = "jpg",
+                  keep_float: bool = False, jpeg_quality: int = 95, jpeg_chroma: str = "420",
+                  source: str = "image") -> dict[str, bytes]:
+    """prepare_sample's members from (bands, H, W) data already read (read_stack's output, or an upload held in
+    memory that the service read itself): the same bytes prepare_sample writes for the same pixels. `source`
+    names the input in ImageError messages."""
+    _check_render_args(image_size, image_format, jpeg_quality, jpeg_chroma)
     try:
         data, _ = clean_pixels(data)
         square = _centre_square(data)
         rgb = _rendered_square(square, is_8bit_rgb, image_size)
     except ImageError as err:
-        raise ImageError(err.reason, f"{', '.join(map(str, paths))}: {err}") from None
+        raise ImageError(err.reason, f"{source}: {err}") from None
     members = {image_format: _encode(rgb, image_format, jpeg_quality, jpeg_chroma)}
     if keep_float:
         planes = _resize_float_bands(square[::-1] if is_8bit_rgb else square, image_size)
@@ -118,6 +125,14 @@ def prepare_sample(paths: list[Path], *, image_size: int, image_format: str = "j
         np.save(buffer, np.clip(planes, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16), allow_pickle=False)
         members["npy"] = buffer.getvalue()
     return members
+
+
+def _check_render_args(image_size: int, image_format: str, jpeg_quality: int, jpeg_chroma: str) -> None:
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    if image_size < 1 or not 1 <= jpeg_quality <= 100 or jpeg_chroma not in JPEG_CHROMA:
+        raise ValueError(f"need image_size >= 1, jpeg_quality in 1..100 and jpeg_chroma in {list(JPEG_CHROMA)}, "
+                         f"got {image_size}, {jpeg_quality}, {jpeg_chroma!r}")
 
 
 def render_float(data: np.ndarray, image_size: int) -> np.ndarray:

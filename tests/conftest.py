@@ -102,3 +102,21 @@ def process_group():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory):
+    """An empty, migrated SQLite MLflow store: a new one costs seconds of schema migrations, a copy nothing. Returns
+    a function that copies it to a new file and gives that file's tracking URI."""
+    import shutil
+
+    registry = pytest.importorskip("launch.registry")
+    folder = tmp_path_factory.mktemp("mlflow_template")
+    registry.open_store(f"sqlite:///{folder}/mlflow.db")
+
+    def new_store_uri(where) -> str:
+        where.mkdir(parents=True, exist_ok=True)
+        shutil.copy(folder / "mlflow.db", where / "mlflow.db")
+        return f"sqlite:///{where}/mlflow.db"
+
+    return new_store_uri

@@ -122,6 +122,14 @@ class SSLConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking beside log.jsonl and TensorBoard (train/mlflow_tracking.py; needs the `serve` extra)."""
+    mlflow: bool = False  # params (the resolved config), per-step scalars, validation, the export as artifacts
+    experiment: str | None = None  # default: the run folder's name
+    uri: str | None = None  # default: MLFLOW_TRACKING_URI (MLflow reads it), else sqlite:///runs/mlflow.db
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     stage: Literal["head", "full", "lora", "ssl"] = "head"
     model: str = "tiny"  # configs/models/<name>.yaml or a path
@@ -149,6 +157,7 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/default"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):

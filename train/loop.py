@@ -24,7 +24,7 @@ from loaders.pfair import format_shares
 from models.sample_noise import sample_seeds
 from sharding.config import to_dict
 from sharding.schema import FeatureSchema, load_schema
-from train import checkpoint, dann, engine as ds, stages
+from train import checkpoint, dann, engine as ds, mlflow_tracking, stages
 from train.config import TrainConfig
 from train.objective import Objective, build_objective
 from train.runlog import RunLog
@@ -84,6 +84,8 @@ def run_identity(cfg: TrainConfig, schema: FeatureSchema, model: torch.nn.Module
 
 def setup(cfg: TrainConfig, world: World, resume: str | None) -> Run:
     dann.check_surveys(cfg)  # before any work: supervised stages refuse unlabeled surveys but DANN's targets
+    if cfg.tracking.mlflow:
+        mlflow_tracking.check_available()  # on every rank, before any collective
     on_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     ds.init_distributed("nccl" if on_cuda else "gloo")
     if on_cuda:
@@ -104,7 +106,11 @@ def setup(cfg: TrainConfig, world: World, resume: str | None) -> Run:
     mix = cfg.data.mix_config(cfg.seed)
     loader = build_loader(cfg.data.loader, mix, world.rank, world.world_size, label_fraction=cfg.data.label_fraction,
                           include_keys=read_key_files(cfg.data.include_keys))
-    log = RunLog(out_dir, world.is_main, cfg.max_steps, plan.step if plan else 0)
+    tracker = None
+    if cfg.tracking.mlflow:
+        tracker = mlflow_tracking.start(out_dir, to_dict(cfg), uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
+                                        rank=world.rank, world_size=world.world_size, resumed=plan is not None)
+    log = RunLog(out_dir, world.is_main, cfg.max_steps, plan.step if plan else 0, tracker=tracker)
     objective.attach(engine, log.event, log.write)
     meta = {"config": to_dict(cfg), **identity, "world_size": world.world_size}
     checkpointer = checkpoint.Checkpointer(objective.checkpoint_engine(), out_dir, world, cfg.keep_checkpoints, meta,
