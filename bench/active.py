@@ -8,10 +8,11 @@ The scenario is a survey team starting on a new survey (DECaLS here) with a mode
    the rest of the train split (--exclude the labelled set) -> the picks join the labelled set;
    every strategy (random, uncertainty, diversity, hybrid) runs its own chain from the same start set;
 3. the reference: the same fine-tuning with every train label (random selection's end point), per seed.
-Labels saved by a strategy = 1 - L / N: L the labels at which its curve (linear between rounds) first reaches the
-reference's mean r, N the train split. A curve that never reaches it within the rounds gives only a bound
+Labels saved by a strategy = 1 - L / N: L the labels at which its seed-averaged curve (linear between rounds) first
+reaches the seed-averaged reference, N the train split (per seed too). A curve that never reaches it within the rounds gives only a bound
 (saved < 1 - L_max / N). Every mean r has a 95% bootstrap interval over test galaxies; the saved share has one too
-(the same resamples for the curve and the reference). Runs are kept under --out; a re-run skips what is done.
+(the same resamples for the curve and the reference), and so has each strategy's paired difference from random at
+the same labels. Runs are kept under --out; a re-run skips what is done.
 
     python bench/active.py --out runs/bench_active                   # 1,500 galaxies per survey, 3 seeds
     python bench/active.py --out /tmp/a --num-galaxies 300 --base-steps 40 --ft-steps 30 --seeds 0 \\
@@ -162,23 +163,29 @@ def _share(value: float | None) -> str:
 
 
 def summarise(curves: dict, references: dict, counts: list[int], total: int) -> list[dict]:
-    """One row per strategy and round (mean r over seeds with intervals) and one per strategy (saved share)."""
+    """Rows: each strategy's curve (mean r over seeds, per round), its paired difference from random at the same
+    labels, the labels it saves (on the seed-averaged curve against the seed-averaged reference; per seed too),
+    and the reference. Intervals: 95% over the bootstrap resamples of test galaxies, the same for every arm."""
     rows, seeds = [], sorted(references)
+    ref = np.stack([references[s] for s in seeds]).mean(0)  # (1 + B,)
+    mean_curves = {name: np.stack([per_seed[s] for s in seeds]).mean(0) for name, per_seed in curves.items()}
     for strategy, per_seed in curves.items():
-        stacked = np.stack([per_seed[s] for s in seeds])  # (seeds, rounds, 1 + B)
+        curve = mean_curves[strategy]  # (rounds, 1 + B)
         for r, count in enumerate(counts):
             rows.append({"kind": "curve", "strategy": strategy, "labels": count, "share": count / total,
-                         **interval(stacked[:, r].mean(0)), "per_seed": [float(v) for v in stacked[:, r, 0]]})
-        shares = np.stack([saved(counts, per_seed[s], references[s], total) for s in seeds])  # (seeds, 1 + B)
-        mean = np.where(np.isfinite(shares).all(0), shares.mean(0), -np.inf)
+                         **interval(curve[r]), "per_seed": [float(per_seed[s][r, 0]) for s in seeds]})
+            if strategy != "random" and "random" in mean_curves and r:
+                diff = curve[r] - mean_curves["random"][r]
+                rows.append({"kind": "vs_random", "strategy": strategy, "labels": count, **interval(diff),
+                             "p_gt0": float((diff[1:] > 0).mean())})
+        shares = saved(counts, curve, ref, total)
         # No interpolation between order statistics: a bound may be -inf (resamples that never reach the reference).
-        lo, hi = np.quantile(mean[1:], [0.025, 0.975], method="inverted_cdf")
-        rows.append({"kind": "saved", "strategy": strategy, "saved": _finite(mean[0]), "lo": _finite(lo),
-                     "hi": _finite(hi),
-                     "reached_share": float(np.isfinite(mean[1:]).mean()),
-                     "per_seed": [_finite(v) for v in shares[:, 0]],
+        lo, hi = np.quantile(shares[1:], [0.025, 0.975], method="inverted_cdf")
+        per_seed_saved = [saved(counts, per_seed[s][:, :1], references[s][:1], total)[0] for s in seeds]
+        rows.append({"kind": "saved", "strategy": strategy, "saved": _finite(shares[0]), "lo": _finite(lo),
+                     "hi": _finite(hi), "reached_share": float(np.isfinite(shares[1:]).mean()),
+                     "per_seed": [_finite(v) for v in per_seed_saved],
                      "bound_if_not_reached": 1.0 - counts[-1] / total})
-    ref = np.stack([references[s] for s in seeds]).mean(0)
     rows.append({"kind": "reference", "strategy": "random, every label", "labels": total, **interval(ref),
                  "per_seed": [float(references[s][0]) for s in seeds]})
     return rows
@@ -194,7 +201,16 @@ def print_tables(rows: list[dict], counts: list[int]) -> None:
         print(f"| {strategy} | " + " | ".join(cells) + " |")
     ref = next(r for r in rows if r["kind"] == "reference")
     print(f"| random, all {ref['labels']} labels | {ref['r']:.3f} [{ref['lo']:.3f}, {ref['hi']:.3f}] |")
-    print("\nlabels saved to reach the all-label r (target 80%)")
+    print("\nstrategy - random at the same labels (mean of seeds; 95% interval; share of resamples > 0)")
+    print("| strategy | " + " | ".join(f"{n} labels" for n in counts[1:]) + " |")
+    print("| --- |" + " ---: |" * len(counts[1:]))
+    diffs = [r for r in rows if r["kind"] == "vs_random"]
+    for strategy in dict.fromkeys(r["strategy"] for r in diffs):
+        cells = [f"{r['r']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] ({r['p_gt0']:.0%})" for r in diffs
+                 if r["strategy"] == strategy]
+        print(f"| {strategy} | " + " | ".join(cells) + " |")
+    print("\nlabels saved to reach the all-label r (target 80%; the seed-averaged curve against the seed-averaged "
+          "reference)")
     print("| strategy | saved | 95% interval (n.r.: not reached) | resamples reaching it | per seed |")
     print("| --- | ---: | ---: | ---: | --- |")
     for r in (r for r in rows if r["kind"] == "saved"):

@@ -59,7 +59,8 @@ rc=0
 # a GPU, is bounded by SERVE_BENCH_SECONDS (default 150) and can never change this script's exit status.
 if ((${#smoke[@]} == 0)); then
   if [[ -n $WHEELS && -d $WHEELS ]]; then
-    "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" fastapi uvicorn python-multipart 2>/dev/null || true
+    "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" fastapi uvicorn python-multipart \
+        prometheus-client httpx 2>/dev/null || true
   fi
   if "$PY" -c "import fastapi, uvicorn, httpx, prometheus_client, multipart" 2>/dev/null; then
     timeout "${SERVE_BENCH_SECONDS:-150}" "$PY" bench/serve.py --model-config base --image-size 224 --device cuda \

@@ -1,6 +1,6 @@
 """The wheel folder for a GPU machine without a package index (bench/gpu_wheels.sh runs this).
 
-What the project needs (setup.cfg's install_requires, plus pytest) is resolved by pip for the machine's Python and
+What the project needs (setup.cfg's install_requires, plus pytest and the service's packages) is resolved by pip for the machine's Python and
 platform, with every package the machine already has pinned at its version (bench/gpu_machine.txt, that machine's
 `pip list --format=freeze`); the wheels of everything else are downloaded. A requirement published only as a source
 distribution (deepspeed) is built into a wheel here first. The folder is then checked the way the machine will use
@@ -23,7 +23,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PLATFORMS = ("manylinux_2_39_x86_64", "manylinux_2_35_x86_64", "manylinux_2_34_x86_64", "manylinux_2_28_x86_64",
              "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
-EXTRA = ("pytest",)
+# pytest for the GPU tests; the service packages (not mlflow: bench/serve.py serves export folders) for the ViT-B
+# service row of bench/gpu.sh.
+EXTRA = ("pytest", "fastapi", "uvicorn", "python-multipart", "prometheus-client", "httpx")
 
 
 def canonical(name: str) -> str:
