@@ -6,6 +6,7 @@ Images that cannot be rendered are returned as rejects with the catalog row, nev
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,6 +45,17 @@ class RenderSettings:
     image_format: str = "jpg"
     jpeg_quality: int = 95
     jpeg_chroma: str = "420"
+
+
+def add_catalog_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """The options that say how a catalog's images are found and rendered (eval predict --catalog, eval select's
+    catalog pool); `what` names the catalog option in the help."""
+    parser.add_argument("--images", help=f"image folder of {what}")
+    parser.add_argument("--survey", help=f"survey of {what} (its YAML gives id column, pattern, bands)")
+    parser.add_argument("--image-pattern", help=f"file name pattern for {what} ({{id}}, {{band}}); default: YAML's")
+    parser.add_argument("--render-size", type=int, help=f"rendering size for {what} (default: the YAML's, as "
+                                                        "sharding.build)")
+    parser.add_argument("--workers", type=int, default=1, help=f"rendering processes for {what}")
 
 
 def catalog_rows(catalog: str | Path, survey: SurveyConfig, splits: str = DEFAULT_SPLITS) -> list[CatalogRow]:

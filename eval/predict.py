@@ -68,12 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--surveys", help="comma-separated surveys under --shards")
     parser.add_argument("--split", default="test", help="test, val, train or all")
     parser.add_argument("--catalog", help="a catalog to score without shards (needs --images and --survey)")
-    parser.add_argument("--images", help="image folder of --catalog")
-    parser.add_argument("--survey", help="survey of --catalog (its YAML gives id column, pattern, bands)")
-    parser.add_argument("--image-pattern", help="file name pattern for --catalog ({id}, {band}); default: YAML's")
-    parser.add_argument("--render-size", type=int, help="rendering size for --catalog (default: the YAML's, as "
-                                                        "sharding.build)")
-    parser.add_argument("--workers", type=int, default=1, help="rendering processes for --catalog")
+    catalog_input.add_catalog_args(parser, "--catalog")
     parser.add_argument("--embeddings", help="zarr store for the pooled backbone features (appended to)")
     parser.add_argument("--embeddings-dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--mc-samples", type=int, default=0, help="MC dropout passes (adds <feature>__std)")

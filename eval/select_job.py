@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from eval import reading, select, select_pool, source as sources
+from eval import catalog_input, reading, select, select_pool, source as sources
 from eval.infer import check_mc, infer, resolve_device
 from eval.predict import rejects_path
 from eval.select_pool import CatalogPool, ShardPool
@@ -66,12 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--surveys", help="shard pool: comma-separated surveys under --pool")
     parser.add_argument("--split", default="train", help="shard pool: the split to pick from (train, val, test); "
                                                          "ignored for a catalog pool, whose every row is a candidate")
-    parser.add_argument("--images", help="catalog pool: the image folder of the --pool catalog")
-    parser.add_argument("--survey", help="catalog pool: its survey (the YAML gives id column, pattern, bands)")
-    parser.add_argument("--image-pattern", help="catalog pool: file name pattern ({id}, {band}); default: YAML's")
-    parser.add_argument("--render-size", type=int, help="catalog pool: rendering size (default: the YAML's, as "
-                                                        "sharding.build)")
-    parser.add_argument("--workers", type=int, default=1, help="catalog pool: rendering processes")
+    catalog_input.add_catalog_args(parser, "a --pool catalog")
     parser.add_argument("--budget", type=int, required=True, help="galaxies to pick")
     parser.add_argument("--strategy", required=True, choices=STRATEGIES)
     parser.add_argument("--out", required=True, help="picks Parquet file")

@@ -163,3 +163,35 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_a_serve_job_answers_on_its_node_and_stops_on_scancel(slurm_cluster, eval_exports, eval_shards, tmp_path):
+    """launch sbatch --entry serve: the replica starts on a node, says where it listens, answers a cutout, and
+    scancel ends it."""
+    import httpx
+
+    from loaders.shards import SampleReader, load_survey_shards
+    from train.world import free_port
+
+    port = free_port()
+    job = _submit(slurm_cluster, tmp_path, "serve", "--entry", "serve", "--nodes", "1", "--gpus-per-node", "0",
+                  "--cpus-per-task", "1", "--", "--model", str(eval_exports["mixed"]), "--port", str(port),
+                  "--device", "cpu")
+    info = load_survey_shards(eval_shards[1] / "decals", "test")
+    reader = SampleReader([info])
+    image = reader.read(0, 0, 0)
+    reader.close()
+    url, deadline, answer = f"http://127.0.0.1:{port}", time.time() + 120, None
+    while time.time() < deadline and answer is None:
+        with contextlib.suppress(httpx.HTTPError):
+            answer = httpx.get(f"{url}/healthz", timeout=2).status_code
+        time.sleep(0.5)
+    assert answer == 200, slurm_cluster.job_state(job)
+    reply = httpx.post(f"{url}/v1/predict", files={"file": ("g.jpg", image, "image/jpeg")},
+                       data={"survey": "decals"}, timeout=30)
+    assert reply.status_code == 200 and reply.json()["model"]["version"] == "local", reply.text
+    log = (tmp_path / "logs" / "serve.out").read_text() if (tmp_path / "logs" / "serve.out").exists() else \
+        "\n".join(p.read_text() for p in (tmp_path / "logs").glob("*"))
+    assert f":{port}" in log and "http://" in log, log
+    slurm_cluster.run(["scancel", job])
+    assert slurm_cluster.wait(job, timeout=60)["JobState"] == "CANCELLED"
