@@ -153,8 +153,11 @@ class Predictor:
         self.bar = tqdm(total=total, initial=0, unit="gal", desc="predict", disable=args.no_progress,
                         dynamic_ncols=True, mininterval=0.5)
 
-    def infer(self, images: torch.Tensor, stream: int, row: int) -> Outputs:
-        return infer(self.model, images, self.args.mc_samples, _mc_seed(self.args.seed, stream, row))
+    def infer(self, images: torch.Tensor, stream: int, rows) -> Outputs:
+        """A batch of a stream's rows; each galaxy's MC passes are seeded by its own row (resumes and batch sizes
+        draw the same)."""
+        seeds = [_mc_seed(self.args.seed, stream, int(row)) for row in rows]
+        return infer(self.model, images, self.args.mc_samples, row_seeds=seeds)
 
     def write_block(self, stream: Stream, block: int, frame: pd.DataFrame, vectors: np.ndarray,
                     rejects: list[dict]) -> None:
@@ -206,7 +209,7 @@ def predict_shards(job: Predictor, streams: list[Stream], root: Path, spec: sour
             outs, keys = [], []
             for batch in reading.iter_batches(cfg, info, refs[rows], rows, batch_size=args.batch_size,
                                               rejects=rejects, backend=backend):
-                outs.append(job.infer(batch.images, stream.index, int(batch.rows[0])))
+                outs.append(job.infer(batch.images, stream.index, batch.rows))
                 keys += batch.keys
             job.bar.update(len(rows))
             frame = output_frame(outs, keys, stream.survey, [object_id[k] for k in keys], [stream.split] * len(keys),
@@ -231,7 +234,7 @@ def predict_catalog(job: Predictor, rows: list, settings: catalog_input.RenderSe
         for offset in range(0, len(good), args.batch_size):
             part = good[offset:offset + args.batch_size]
             images = torch.stack([plain_image(data, cfg) for _, data in part])
-            outs.append(job.infer(images, 0, part[0][0].position))
+            outs.append(job.infer(images, 0, [row.position for row, _ in part]))
         job.bar.update(len(group))
         picked = [row for row, _ in good]
         frame = output_frame(outs, [r.key for r in picked], survey, [r.object_id for r in picked],

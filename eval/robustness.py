@@ -183,7 +183,8 @@ def predict_all(model, cfg: LoaderConfig, info, refs: np.ndarray, rows: np.ndarr
     readable samples among `refs`."""
     keys, kept, fractions_, samples = [], [], [], []
     for batch in reading.iter_batches(cfg, info, refs, rows, batch_size=batch_size, rejects=rejects, perturb=perturb):
-        out = infer(model, batch.images, mc_samples, seed + int(batch.rows[0]), keep_samples=bool(mc_samples))
+        out = infer(model, batch.images, mc_samples, keep_samples=bool(mc_samples),
+                    row_seeds=[seed + int(row) for row in batch.rows])  # the same draws for a galaxy in every setting
         keys += batch.keys
         kept.append(batch.rows)
         fractions_.append(out.fractions)

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from eval import catalog_input, reading, select, select_pool, source as sources
-from eval.infer import check_mc, infer, resolve_device
+from eval.infer import check_mc, infer, key_seeds, resolve_device
 from eval.predict import rejects_path
 from eval.select_pool import CatalogPool, ShardPool
 from eval.select_state import Checkpoint
@@ -123,11 +123,12 @@ class Scorer:
         self.dirichlet = source.provenance.get("loss", "dirichlet") == "dirichlet"
         self.parents: dict[str, dict] = {}  # survey -> its campaign's question tree, read once
 
-    def score(self, images: torch.Tensor, keys: list[str], survey: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, embeddings) of one batch; random scores for random and diversity (a uniform reservoir)."""
+    def score(self, images: torch.Tensor, keys: list[str], survey: str) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, embeddings) of one batch; random scores for random and diversity (a uniform reservoir). Each
+        galaxy's MC passes are seeded by its key: its score does not depend on the galaxies batched with it."""
         if self.model is None:
             return select.random_scores(keys, self.args.seed), np.zeros((len(keys), 0), np.float32)
-        out = infer(self.model, images, self.mc, seed, keep_samples=bool(self.mc))
+        out = infer(self.model, images, self.mc, keep_samples=bool(self.mc), row_seeds=key_seeds(self.args.seed, keys))
         if not self.mc:
             return select.random_scores(keys, self.args.seed), out.embedding
         if survey not in self.parents:
@@ -172,8 +173,7 @@ def stream_pool(scorer: Scorer, pools: list[Pool], tops: dict[str, select.TopCan
                     labelled.add(select.random_scores(keys, args.seed), np.zeros(len(keys), np.int64), embedding)
             for images, keys, batch_rows in pool.batches(rows[keep], args.batch_size, cfg,
                                                          decode=scorer.model is not None):
-                seed = (args.seed * 1_000_003 + number * 1_000_000_007 + int(batch_rows[0])) % 2**63
-                scores, embedding = scorer.score(images, keys, pool.survey, seed)
+                scores, embedding = scorer.score(images, keys, pool.survey)
                 top.add(scores, number * STREAM_ID + batch_rows, embedding if top.payload.shape[1] else None)
                 seen += len(keys)
     bar.close()

@@ -27,6 +27,7 @@ class Job:
     survey: str
     mc_samples: int
     model: Any = None  # the model version the images were decoded for, which runs them
+    seeds: list[int] = field(default_factory=list)  # each image's MC-dropout seed (from its bytes)
     future: Future = field(default_factory=Future)
     queued_at: float = field(default_factory=time.perf_counter)
 

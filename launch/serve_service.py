@@ -5,6 +5,7 @@ serve_app.py puts HTTP in front of it; tests and the bench drive it through a re
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import sys
 import threading
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.infer import infer, resolve_device
+from eval.infer import infer, key_seeds, resolve_device
 from launch.serve_batch import Job, MicroBatcher
 from launch.serve_decode import InputError, Upload, decode_upload, pick_survey
 from launch.serve_metrics import ServiceMetrics
@@ -115,7 +116,9 @@ class Service:
             raise InputError(400, "no-dropout", f"mc_samples {mc}: model version {served.version} has no dropout, "
                                                 "so MC dropout would give zero spread; send mc_samples=0")
         images = [decode_upload(upload, survey, served.decode).image for upload in uploads]
-        return Job(torch.stack(images), survey.name, mc, model=served)
+        # An image's MC passes are seeded by its content: its spread is the same whoever shares its batch.
+        seeds = key_seeds(self.settings.seed, [hashlib.sha256(upload.data).hexdigest() for upload in uploads])
+        return Job(torch.stack(images), survey.name, mc, model=served, seeds=seeds)
 
     def answer(self, job: Job, result: Result, filenames: list[str]) -> dict:
         names = result.served.source.names
@@ -159,9 +162,11 @@ class Service:
         for group in groups.values():
             served, mc = group[0].model, group[0].mc_samples
             images = torch.cat([job.images for job in group])
+            seeds = [seed for job in group for seed in job.seeds]
+            step = self.settings.max_batch
             started = time.perf_counter()
-            outs = [infer(served.model, images[i:i + self.settings.max_batch], mc, seed=self.settings.seed)
-                    for i in range(0, len(images), self.settings.max_batch)]
+            outs = [infer(served.model, images[i:i + step], mc, row_seeds=seeds[i:i + step] if mc else None)
+                    for i in range(0, len(images), step)]
             self.metrics.batch_seconds.observe(time.perf_counter() - started)
             for out in outs:
                 self.metrics.batch_size.observe(len(out.fractions))

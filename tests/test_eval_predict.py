@@ -265,3 +265,24 @@ def test_overwrite_starts_a_new_embedding_store(eval_shards, eval_exports, tmp_p
     vectors, keys, attrs = open_embeddings(store)
     assert keys == pd.read_parquet(tmp_path / "a.parquet")["key"].tolist()  # hst only: the sdss rows are gone
     assert len(attrs["runs"]) == 1 and vectors.shape[0] == len(keys)
+
+
+def test_mc_passes_of_a_galaxy_do_not_depend_on_its_batch(eval_exports):
+    """With per-galaxy seeds, a galaxy's MC-dropout passes are the same alone, in another order or in another batch;
+    another seed draws other passes."""
+    import torch
+
+    from eval.infer import infer, key_seeds
+    from eval.source import load_model, open_source
+
+    source = open_source(eval_exports["mixed"])
+    model, size = load_model(source), source.input_spec().image_size
+    images = torch.randn(6, 3, size, size, generator=torch.Generator().manual_seed(0))
+    seeds = key_seeds(7, [f"g{i}" for i in range(6)])
+    whole = infer(model, images, 4, keep_samples=True, row_seeds=seeds)
+    part = infer(model, images[[4, 1]], 4, keep_samples=True, row_seeds=[seeds[4], seeds[1]])
+    np.testing.assert_allclose(part.samples, whole.samples[:, [4, 1]], atol=1e-6)
+    np.testing.assert_allclose(part.std, whole.std[[4, 1]], atol=1e-6)
+    other = infer(model, images[[4]], 4, keep_samples=True, row_seeds=key_seeds(8, ["g4"]))
+    assert not np.allclose(other.samples, whole.samples[:, [4]])
+    assert (whole.std > 0).all()

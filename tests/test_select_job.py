@@ -131,12 +131,12 @@ def test_a_killed_selection_continues_from_its_last_chunk(eval_shards, eval_expo
     class Killed(Exception):
         pass
 
-    def dies_after_three_chunks(self, images, keys, survey, seed):
+    def dies_after_three_chunks(self, images, keys, survey):
         calls.append(len(keys))
         if len(calls) == 4 and not killed:
             killed.append(True)
             raise Killed
-        return real(self, images, keys, survey, seed)
+        return real(self, images, keys, survey)
 
     monkeypatch.setattr(select_job.Scorer, "score", dies_after_three_chunks)
     out = tmp_path / "killed.parquet"
