@@ -128,7 +128,8 @@ class Scorer:
         galaxy's MC passes are seeded by its key: its score does not depend on the galaxies batched with it."""
         if self.model is None:
             return select.random_scores(keys, self.args.seed), np.zeros((len(keys), 0), np.float32)
-        out = infer(self.model, images, self.mc, keep_samples=bool(self.mc), row_seeds=key_seeds(self.args.seed, keys))
+        out = infer(self.model, images, self.mc, keep_samples=bool(self.mc),
+                    row_seeds=key_seeds(self.args.seed, keys) if self.mc else None)
         if not self.mc:
             return select.random_scores(keys, self.args.seed), out.embedding
         if survey not in self.parents:

@@ -117,7 +117,7 @@ class Service:
                                                 "so MC dropout would give zero spread; send mc_samples=0")
         images = [decode_upload(upload, survey, served.decode).image for upload in uploads]
         # An image's MC passes are seeded by its content: its spread is the same whoever shares its batch.
-        seeds = key_seeds(self.settings.seed, [hashlib.sha256(upload.data).hexdigest() for upload in uploads])
+        seeds = key_seeds(self.settings.seed, [hashlib.sha256(u.data).hexdigest() for u in uploads]) if mc else []
         return Job(torch.stack(images), survey.name, mc, model=served, seeds=seeds)
 
     def answer(self, job: Job, result: Result, filenames: list[str]) -> dict:
