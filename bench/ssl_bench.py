@@ -3,20 +3,23 @@
 On mock SDSS, DECaLS, HST and UKIDSS surveys (launch.demo's, plus an unlabeled build of UKIDSS) it runs:
 1. two SSL pretrainings: on sdss+decals+hst+unlabeled ukidss images ("ssl") and on sdss+decals+hst only
    ("ssl_no_ukidss");
-2. frozen features: a ridge probe (per survey, fitted on its train split, alpha chosen on val) and a head stage
-   (configs/train/cpu.yaml, stage head) on the SSL teacher against the same on a randomly initialised backbone;
-3. scarce labels: full fine-tuning (configs/train/cpu.yaml) from the SSL teacher (with the recipe's lr, and with
-   lr 1e-3 + layer decay 0.75, "ld") against from scratch, with 10% and 100% of the training labels
-   (data.label_fraction);
+2. frozen features: a ridge probe (per survey, fitted on its train split; DINOv2's linear-probe input from the last
+   1 or 4 blocks and alpha chosen on val) and a head stage (configs/train/cpu.yaml, stage head) on the SSL teacher
+   against the same on a randomly initialised backbone;
+3. scarce labels: full fine-tuning (configs/train/cpu.yaml) from the SSL teacher (with the recipe's lr; with lr 1e-3
+   + layer decay 0.75, "ld"; a head stage first, then "ld", "lpft") against from scratch, with 10% and 100% of the
+   training labels (data.label_fraction);
 4. adaptation: the two SSL backbones each fine-tuned on the 33/33/34 mix with all labels, scored on every UKIDSS
-   galaxy (which no fine-tuning saw).
+   galaxy (which no fine-tuning saw);
+5. longer SSL (--long-ssl-steps, default 2,000): the recipe run longer, its frozen probe and 10%-label fine-tunings.
 Every number is mean Pearson r over the 26 features on the test split (every galaxy for UKIDSS) with a 95% bootstrap
 interval over galaxies; comparisons are paired (the same resamples for both arms). Runs are kept under --out: a
 re-run skips what is done. Prints the tables and writes JSON. (Not bench/ssl.py: run by path, a bench script puts
 bench/ on sys.path, where a module named ssl would shadow Python's own.)
 
-    python bench/ssl_bench.py --out runs/bench_ssl                      # 1,500 galaxies per survey; about 1.5 hours
-    python bench/ssl_bench.py --out /tmp/s --num-galaxies 300 --ssl-steps 60 --ft-steps 60 --head-steps 60   # smoke
+    python bench/ssl_bench.py --out runs/bench_ssl                      # 1,500 galaxies per survey; about 2 hours
+    python bench/ssl_bench.py --out /tmp/s --num-galaxies 300 --ssl-steps 60 --ft-steps 60 --head-steps 60 \\
+        --long-ssl-steps 0  # smoke
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def train(name: str, config: str, overrides: list[str], args: argparse.Namespace
     """One `python -m train` under torchrun; kept when its export exists (a re-run skips it)."""
     from train.world import free_port
     out = args.out / "runs" / name
-    if (out / "export" / "export.json").is_file():
+    if any((out / "export" / meta).is_file() for meta in ("export.json", "ssl_export.json")):  # written last
         return out
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), "-m", "train", "--config", config, "--out-dir", str(out),
@@ -82,8 +85,10 @@ def make_data(args: argparse.Namespace) -> tuple[Path, Path]:
         make_shards(args.out, args.num_galaxies, argparse.Namespace(seed=args.seed, workers=2, corrupt_fraction=0.0))
     unlabeled = args.out / "shards_unlabeled"
     raw = args.out / "raw" / HELD_OUT
-    if build.main(["--survey", HELD_OUT, "--catalog", str(raw / Path(load_survey(HELD_OUT).catalog).name),
-                   "--images", str(raw / "images"), "--out", str(unlabeled), "--unlabeled", "--no-progress"]):
+    built = (unlabeled / HELD_OUT / "manifest.json").is_file()  # kept like the labelled shards: runs used them
+    if not built and build.main(["--survey", HELD_OUT, "--catalog", str(raw / Path(load_survey(HELD_OUT).catalog).name),
+                                 "--images", str(raw / "images"), "--out", str(unlabeled), "--unlabeled",
+                                 "--no-progress"]):
         raise RuntimeError("the unlabeled UKIDSS build failed")
     ssl_root = args.out / "shards_ssl"
     ssl_root.mkdir(exist_ok=True)
@@ -103,24 +108,32 @@ def labels(shards: Path, survey: str, split: str) -> tuple[list[str], np.ndarray
     return table["key"].tolist(), table[load_schema().names].to_numpy(np.float32)
 
 
+# DINOv2's linear evaluation (dinov2/eval/linear.py, create_linear_input) feeds its probe the class tokens of the
+# last n blocks (each through the final norm), concatenated, plus the mean of the last block's patch tokens, and picks
+# n in {1, 4} on validation: n = 1 is the backbone's own cls_mean pooling.
+N_LAST_BLOCKS = (1, 4)
+
+
 @torch.no_grad()
-def features(backbone_dir: Path, shards: Path, survey: str, split: str) -> tuple[list[str], np.ndarray]:
-    """Pooled (cls + mean patch) features of a backbone folder on a split, through the evaluation input path."""
+def features(backbone_dir: Path, shards: Path, survey: str, split: str) -> tuple[list[str], dict[int, np.ndarray]]:
+    """{n: DINOv2 linear-probe features from the last n blocks} of a backbone folder on a split, through the
+    evaluation input path."""
     from transformers import Dinov2Model
 
     from loaders.evaluation import iter_eval_batches
     from loaders.source import LoaderConfig
-    from models.backbone import pool_tokens
     from train.config import load_train_config
     loader = load_train_config(CPU).data.loader
     cfg = LoaderConfig(shard_root=str(shards), backend="torch", image_size=loader.image_size, mean=loader.mean,
                        std=loader.std)
     model = Dinov2Model.from_pretrained(backbone_dir, local_files_only=True).eval()
-    keys, out = [], []
+    keys, out = [], {n: [] for n in N_LAST_BLOCKS}
     for batch in iter_eval_batches(cfg, survey, split, batch_size=128, max_samples=None):
-        out.append(pool_tokens(model(pixel_values=batch.images).last_hidden_state, "cls_mean").numpy())
+        blocks = [model.layernorm(h) for h in model(pixel_values=batch.images, output_hidden_states=True).hidden_states]
+        for n in N_LAST_BLOCKS:
+            out[n].append(torch.cat([*(h[:, 0] for h in blocks[-n:]), blocks[-1][:, 1:].mean(dim=1)], 1).numpy())
         keys += batch.keys
-    return keys, np.concatenate(out)
+    return keys, {n: np.concatenate(parts) for n, parts in out.items()}
 
 
 def ridge(train_x: np.ndarray, train_y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
@@ -138,8 +151,9 @@ def ridge(train_x: np.ndarray, train_y: np.ndarray, alpha: float) -> tuple[np.nd
     return np.vstack([weights[:-1] / std[:, None], weights[-1:] - (mean / std) @ weights[:-1]]), mean
 
 
-def ridge_predictions(backbone_dir: Path, shards: Path, survey: str) -> tuple[list[str], np.ndarray]:
-    """Test-split predictions of a ridge probe fitted on the train split, alpha chosen by val mean r."""
+def ridge_predictions(backbone_dir: Path, shards: Path, survey: str) -> tuple[list[str], np.ndarray, dict]:
+    """Test-split predictions of a ridge probe fitted on the train split, the blocks (N_LAST_BLOCKS) and alpha
+    chosen by val mean r; and the choice."""
     fitted = {}
     for split in ("train", "val", "test"):
         keys, x = features(backbone_dir, shards, survey, split)
@@ -147,15 +161,17 @@ def ridge_predictions(backbone_dir: Path, shards: Path, survey: str) -> tuple[li
         order = {k: i for i, k in enumerate(label_keys)}
         fitted[split] = (keys, x, y[[order[k] for k in keys]])
     best = None
-    for alpha in (0.1, 1.0, 10.0, 100.0, 1000.0):
-        w, _ = ridge(fitted["train"][1], fitted["train"][2], alpha)
-        _, x, y = fitted["val"]
-        pred = np.hstack([x, np.ones((len(x), 1))]) @ w
-        r = weighted_mean_r(pred, np.nan_to_num(y), np.isfinite(y), np.ones((1, len(y))))[0]
-        if best is None or r > best[0]:
-            best = (r, w)
+    for n in N_LAST_BLOCKS:
+        for alpha in (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0):
+            w, _ = ridge(fitted["train"][1][n], fitted["train"][2], alpha)
+            _, x, y = fitted["val"]
+            pred = np.hstack([x[n], np.ones((len(y), 1))]) @ w
+            r = weighted_mean_r(pred, np.nan_to_num(y), np.isfinite(y), np.ones((1, len(y))))[0]
+            if best is None or r > best[0]:
+                best = (r, w, {"n_last_blocks": n, "alpha": alpha, "val_r": float(r)})
     keys, x, _ = fitted["test"]
-    return keys, np.hstack([x, np.ones((len(x), 1))]) @ best[1]
+    n = best[2]["n_last_blocks"]
+    return keys, np.hstack([x[n], np.ones((len(keys), 1))]) @ best[1], best[2]
 
 
 @torch.no_grad()
@@ -202,10 +218,11 @@ def frozen(args: argparse.Namespace, shards: Path, backbones: dict[str, Path]) -
              for name, folder in backbones.items()}
     rows = []
     for survey in LABELLED:
-        arms = {f"ridge {name}": ridge_predictions(folder, shards, survey) for name, folder in backbones.items()}
+        probes = {f"ridge {name}": ridge_predictions(folder, shards, survey) for name, folder in backbones.items()}
+        arms = {name: (keys, pred) for name, (keys, pred, _) in probes.items()}
         arms.update({f"head {name}": model_predictions(run, shards, survey, "test") for name, run in heads.items()})
-        rows.append(score(arms, shards, survey, "test", [("ridge ssl", "ridge random"), ("head ssl", "head random")],
-                          args))
+        row = score(arms, shards, survey, "test", [("ridge ssl", "ridge random"), ("head ssl", "head random")], args)
+        rows.append({**row, "probe_choice": {name: choice for name, (_, _, choice) in probes.items()}})
     return rows
 
 
@@ -213,15 +230,26 @@ def frozen(args: argparse.Namespace, shards: Path, backbones: dict[str, Path]) -
 PRETRAINED_FT = ["optim.lr=0.001", "optim.layer_decay=0.75"]
 
 
+def _data(fraction: float, shards: Path) -> list[str]:
+    return [f"data.mix={MIX}", f"data.loader.shard_root={shards}", f"data.label_fraction={fraction}",
+            # Longer epochs (same steps): 10% of a survey's labels still fills a global batch.
+            "data.epoch_multiplier=30"]
+
+
 def fine_tune(name: str, fraction: float, backbone: Path | None, shards: Path, args: argparse.Namespace,
               extra: tuple[str, ...] = ()) -> Path:
-    overrides = [*extra, f"max_steps={args.ft_steps}", f"data.mix={MIX}", f"data.loader.shard_root={shards}",
-                 f"data.label_fraction={fraction}",
-                 # Longer epochs (same steps): 10% of a survey's labels still fills a global batch.
-                 "data.epoch_multiplier=30"]
+    overrides = [*extra, f"max_steps={args.ft_steps}", *_data(fraction, shards)]
     if backbone is not None:
         overrides.append(f"model_overrides=[pretrained={backbone}]")
     return train(name, CPU, overrides, args)
+
+
+def head_first(name: str, fraction: float, backbone: Path, shards: Path, args: argparse.Namespace) -> Path:
+    """LP-FT (Kumar et al. 2022): a head stage on the frozen SSL backbone, then the full stage from it (init_from)
+    with PRETRAINED_FT, so a random head's first gradients do not distort the pretrained features."""
+    head = train(f"{name}_head", CPU, ["stage=head", f"max_steps={args.head_steps}", "optim.lr=0.01",
+                                       *_data(fraction, shards), f"model_overrides=[pretrained={backbone}]"], args)
+    return fine_tune(name, fraction, backbone, shards, args, (*PRETRAINED_FT, f"init_from={head / 'export'}"))
 
 
 def scarce(args: argparse.Namespace, shards: Path, ssl_backbone: Path) -> tuple[list[dict], dict[str, Path]]:
@@ -231,13 +259,14 @@ def scarce(args: argparse.Namespace, shards: Path, ssl_backbone: Path) -> tuple[
         runs[f"ssl {tag}"] = fine_tune(f"ft_ssl_{tag}", fraction, ssl_backbone, shards, args)
         runs[f"ssl ld {tag}"] = fine_tune(f"ft_ssl_{tag}_ld", fraction, ssl_backbone, shards, args,
                                           tuple(PRETRAINED_FT))
+        runs[f"ssl lpft {tag}"] = head_first(f"ft_ssl_{tag}_lpft", fraction, ssl_backbone, shards, args)
         runs[f"scratch {tag}"] = fine_tune(f"ft_scratch_{tag}", fraction, None, shards, args)
     rows = []
     for survey in LABELLED:
         arms = {name: model_predictions(run, shards, survey, "test") for name, run in runs.items()}
         rows.append(score(arms, shards, survey, "test", [
-            ("ssl 10pct", "scratch 10pct"), ("ssl ld 10pct", "scratch 10pct"), ("ssl 100pct", "scratch 100pct"),
-            ("ssl ld 100pct", "scratch 100pct")], args))
+            (f"ssl{variant} {tag}", f"scratch {tag}") for tag in ("10pct", "100pct") for variant in ("", " ld", " lpft")
+        ], args))
     return rows, runs
 
 
@@ -248,11 +277,35 @@ def adaptation(args: argparse.Namespace, shards: Path, with_ukidss: Path, withou
     return score(predictions, shards, HELD_OUT, "all", [("ssl with ukidss images", "ssl without ukidss")], args)
 
 
+def longer(args: argparse.Namespace, shards: Path, ssl_root: Path, four: str) -> list[dict]:
+    """--long-ssl-steps: the SSL recipe run longer ("ssl_long"), its frozen ridge probe against the recipe's, and its
+    10%-label fine-tunings (plain, ld, lpft) against scratch (the scarce arms' runs, reused)."""
+    run = train("ssl_long", SSL, [f"data.loader.shard_root={ssl_root}", f"data.mix={four}",
+                                  f"max_steps={args.long_ssl_steps}"], args)
+    backbone = run / "export" / "backbone"
+    tunes = {"long 10pct": fine_tune("ft_long_10pct", 0.1, backbone, shards, args),
+             "long ld 10pct": fine_tune("ft_long_10pct_ld", 0.1, backbone, shards, args, tuple(PRETRAINED_FT)),
+             "long lpft 10pct": head_first("ft_long_10pct_lpft", 0.1, backbone, shards, args),
+             "scratch 10pct": args.out / "runs" / "ft_scratch_10pct"}
+    rows = []
+    for survey in LABELLED:
+        probes = {"ridge long": ridge_predictions(backbone, shards, survey),
+                  "ridge ssl": ridge_predictions(args.out / "runs" / "ssl" / "export" / "backbone", shards, survey)}
+        arms = {name: (keys, pred) for name, (keys, pred, _) in probes.items()}
+        arms.update({name: model_predictions(r, shards, survey, "test") for name, r in tunes.items()})
+        pairs = [("ridge long", "ridge ssl"), *((f"long{v} 10pct", "scratch 10pct") for v in ("", " ld", " lpft"))]
+        row = score(arms, shards, survey, "test", pairs, args)
+        rows.append({**row, "probe_choice": {name: choice for name, (_, _, choice) in probes.items()}})
+    return rows
+
+
 def print_rows(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
     for row in rows:
         cells = "  ".join(f"{name} {v['r']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]" for name, v in row["arms"].items())
         print(f"  {row['survey']} {row['split']} (n={row['n']}): {cells}")
+        for name, c in row.get("probe_choice", {}).items():
+            print(f"    {name}: last {c['n_last_blocks']} block(s), alpha {c['alpha']:g} (val r {c['val_r']:.3f})")
         for p in row["pairs"]:
             print(f"    {p['a']} - {p['b']}: {p['r']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}] (P(> 0) = {p['p_gt0']:.2f})")
 
@@ -265,6 +318,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--nproc", type=int, default=2, help="torchrun processes per run")
     parser.add_argument("--ssl-steps", type=int, help="SSL steps (default: ssl_cpu.yaml's max_steps)")
     parser.add_argument("--ft-steps", type=int, default=1000, help="fine-tuning steps (cpu.yaml recipe)")
+    parser.add_argument("--long-ssl-steps", type=int, default=2000,
+                        help="also run the SSL recipe this long: its frozen probe, 10%%-label fine-tunings (0 skips)")
     parser.add_argument("--head-steps", type=int, default=600, help="head-stage steps on a frozen backbone")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "ssl.json")
@@ -293,9 +348,14 @@ def main(argv: list[str] | None = None) -> int:
     result = {"frozen": frozen(args, shards, backbones)}
     result["scarce"], runs = scarce(args, shards, backbones["ssl"])
     result["adaptation"] = adaptation(args, shards, runs["ssl 100pct"], ssl_without / "export" / "backbone")
+    if args.long_ssl_steps:
+        result["longer"] = longer(args, shards, ssl_root, four)
     print_rows("frozen features: mean r on the test split", result["frozen"])
     print_rows("scarce labels: full fine-tuning, mean r on the test split", result["scarce"])
     print_rows("adaptation: fine-tuned on the 33/33/34 mix, every UKIDSS galaxy", [result["adaptation"]])
+    if args.long_ssl_steps:
+        print_rows(f"longer SSL ({args.long_ssl_steps} steps): frozen and 10% of the labels, test split",
+                   result["longer"])
     write_report(args.json, "ssl", [], **result, settings={k: str(v) for k, v in vars(args).items()})
     return 0
 
