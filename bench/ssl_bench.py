@@ -11,7 +11,9 @@ On mock SDSS, DECaLS, HST and UKIDSS surveys (launch.demo's, plus an unlabeled b
    training labels (data.label_fraction);
 4. adaptation: the two SSL backbones each fine-tuned on the 33/33/34 mix with all labels, scored on every UKIDSS
    galaxy (which no fine-tuning saw);
-5. longer SSL (--long-ssl-steps, default 2,000): the recipe run longer, its frozen probe and 10%-label fine-tunings.
+5. longer SSL (--long-ssl-steps, default 2,000) and SSL on more unlabeled images (--more-unlabeled, default 6,000
+   more galaxies per survey from another mock sky, none of them labelled): each one's frozen probe and 10%-label
+   fine-tunings.
 Every number is mean Pearson r over the 26 features on the test split (every galaxy for UKIDSS) with a 95% bootstrap
 interval over galaxies; comparisons are paired (the same resamples for both arms). Runs are kept under --out: a
 re-run skips what is done. Prints the tables and writes JSON. (Not bench/ssl.py: run by path, a bench script puts
@@ -19,7 +21,7 @@ bench/ on sys.path, where a module named ssl would shadow Python's own.)
 
     python bench/ssl_bench.py --out runs/bench_ssl                      # 1,500 galaxies per survey; about 2 hours
     python bench/ssl_bench.py --out /tmp/s --num-galaxies 300 --ssl-steps 60 --ft-steps 60 --head-steps 60 \\
-        --long-ssl-steps 0  # smoke
+        --long-ssl-steps 0 --more-unlabeled 0  # smoke
 """
 
 from __future__ import annotations
@@ -277,26 +279,43 @@ def adaptation(args: argparse.Namespace, shards: Path, with_ukidss: Path, withou
     return score(predictions, shards, HELD_OUT, "all", [("ssl with ukidss images", "ssl without ukidss")], args)
 
 
-def longer(args: argparse.Namespace, shards: Path, ssl_root: Path, four: str) -> list[dict]:
-    """--long-ssl-steps: the SSL recipe run longer ("ssl_long"), its frozen ridge probe against the recipe's, and its
-    10%-label fine-tunings (plain, ld, lpft) against scratch (the scarce arms' runs, reused)."""
-    run = train("ssl_long", SSL, [f"data.loader.shard_root={ssl_root}", f"data.mix={four}",
-                                  f"max_steps={args.long_ssl_steps}"], args)
-    backbone = run / "export" / "backbone"
-    tunes = {"long 10pct": fine_tune("ft_long_10pct", 0.1, backbone, shards, args),
-             "long ld 10pct": fine_tune("ft_long_10pct_ld", 0.1, backbone, shards, args, tuple(PRETRAINED_FT)),
-             "long lpft 10pct": head_first("ft_long_10pct_lpft", 0.1, backbone, shards, args),
+def variant(args: argparse.Namespace, shards: Path, name: str, overrides: list[str]) -> list[dict]:
+    """Another SSL run ("ssl_<name>": the recipe with `overrides`), its frozen ridge probe against the recipe's, and
+    its 10%-label fine-tunings (plain, ld, lpft) against scratch (the scarce arms' run, reused)."""
+    backbone = train(f"ssl_{name}", SSL, overrides, args) / "export" / "backbone"
+    tunes = {f"{name} 10pct": fine_tune(f"ft_{name}_10pct", 0.1, backbone, shards, args),
+             f"{name} ld 10pct": fine_tune(f"ft_{name}_10pct_ld", 0.1, backbone, shards, args, tuple(PRETRAINED_FT)),
+             f"{name} lpft 10pct": head_first(f"ft_{name}_10pct_lpft", 0.1, backbone, shards, args),
              "scratch 10pct": args.out / "runs" / "ft_scratch_10pct"}
     rows = []
     for survey in LABELLED:
-        probes = {"ridge long": ridge_predictions(backbone, shards, survey),
+        probes = {f"ridge {name}": ridge_predictions(backbone, shards, survey),
                   "ridge ssl": ridge_predictions(args.out / "runs" / "ssl" / "export" / "backbone", shards, survey)}
-        arms = {name: (keys, pred) for name, (keys, pred, _) in probes.items()}
-        arms.update({name: model_predictions(r, shards, survey, "test") for name, r in tunes.items()})
-        pairs = [("ridge long", "ridge ssl"), *((f"long{v} 10pct", "scratch 10pct") for v in ("", " ld", " lpft"))]
+        arms = {arm: (keys, pred) for arm, (keys, pred, _) in probes.items()}
+        arms.update({arm: model_predictions(r, shards, survey, "test") for arm, r in tunes.items()})
+        pairs = [(f"ridge {name}", "ridge ssl"), *((f"{name}{v} 10pct", "scratch 10pct") for v in ("", " ld", " lpft"))]
         row = score(arms, shards, survey, "test", pairs, args)
-        rows.append({**row, "probe_choice": {name: choice for name, (_, _, choice) in probes.items()}})
+        rows.append({**row, "probe_choice": {arm: choice for arm, (_, _, choice) in probes.items()}})
     return rows
+
+
+def more_images(args: argparse.Namespace) -> Path:
+    """--more-unlabeled N: N more galaxies of each of the four surveys from another mock sky (seed + 1: no galaxy of
+    the labelled shards), built --unlabeled: the unlabeled cutouts a survey has beyond its Galaxy Zoo votes."""
+    from sharding import build
+    from sharding.mock import cli as mock
+    from sharding.registry import load_survey
+    root = args.out / "more"
+    for survey in (*LABELLED, HELD_OUT):
+        raw = root / "raw" / survey
+        if (root / "shards" / survey / "manifest.json").is_file():
+            continue
+        if mock.main(["--survey", survey, "--num-galaxies", str(args.more_unlabeled), "--out", str(raw), "--seed",
+                      str(args.seed + 1), "--workers", "2", "--overwrite", "--no-progress"]) or build.main([
+                "--survey", survey, "--catalog", str(raw / Path(load_survey(survey).catalog).name), "--images",
+                str(raw / "images"), "--out", str(root / "shards"), "--unlabeled", "--workers", "2", "--no-progress"]):
+            raise RuntimeError(f"the extra unlabeled {survey} images failed")
+    return root / "shards"
 
 
 def print_rows(title: str, rows: list[dict]) -> None:
@@ -320,6 +339,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ft-steps", type=int, default=1000, help="fine-tuning steps (cpu.yaml recipe)")
     parser.add_argument("--long-ssl-steps", type=int, default=2000,
                         help="also run the SSL recipe this long: its frozen probe, 10%%-label fine-tunings (0 skips)")
+    parser.add_argument("--more-unlabeled", type=int, default=6000,
+                        help="also run the SSL recipe on this many more unlabeled galaxies of each survey, from "
+                             "another mock sky: its frozen probe, 10%%-label fine-tunings (0 skips)")
     parser.add_argument("--head-steps", type=int, default=600, help="head-stage steps on a frozen backbone")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "ssl.json")
@@ -349,13 +371,20 @@ def main(argv: list[str] | None = None) -> int:
     result["scarce"], runs = scarce(args, shards, backbones["ssl"])
     result["adaptation"] = adaptation(args, shards, runs["ssl 100pct"], ssl_without / "export" / "backbone")
     if args.long_ssl_steps:
-        result["longer"] = longer(args, shards, ssl_root, four)
+        result["longer"] = variant(args, shards, "long", [f"data.loader.shard_root={ssl_root}", f"data.mix={four}",
+                                                          f"max_steps={args.long_ssl_steps}"])
+    if args.more_unlabeled:
+        result["more"] = variant(args, shards, "more", [f"data.loader.shard_root={more_images(args)}",
+                                                        f"data.mix={four}", *ssl_steps])
     print_rows("frozen features: mean r on the test split", result["frozen"])
     print_rows("scarce labels: full fine-tuning, mean r on the test split", result["scarce"])
     print_rows("adaptation: fine-tuned on the 33/33/34 mix, every UKIDSS galaxy", [result["adaptation"]])
     if args.long_ssl_steps:
         print_rows(f"longer SSL ({args.long_ssl_steps} steps): frozen and 10% of the labels, test split",
                    result["longer"])
+    if args.more_unlabeled:
+        print_rows(f"SSL on {args.more_unlabeled} more unlabeled galaxies per survey: frozen and 10% of the labels",
+                   result["more"])
     write_report(args.json, "ssl", [], **result, settings={k: str(v) for k, v in vars(args).items()})
     return 0
 
