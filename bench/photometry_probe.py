@@ -1,0 +1,121 @@
+"""Benchmark baseline: how far photometry alone goes on the SSL benchmark's labels (issue 17).
+
+A ridge probe (bench/ssl_bench.py's: per survey, fitted on the train split, alpha chosen on val, scored on test with
+a 95% bootstrap interval) on 17 numbers measured from each cutout as the models see it (64 px, unnormalised):
+eval.image_stats' sky, noise, aperture S/N and adaptive-moment size; the per-band light (log) and the three colours;
+the inner-minus-outer g-r colour gradient; the growth curve (light within 4, 8, 16 and 24 px of the centre over
+the total); second-moment ellipticity; the peak. A frozen backbone whose features a ridge probe reads worse than
+these has not learned even what a photometric catalog knows about the galaxies.
+
+    python bench/photometry_probe.py --shards runs/bench_ssl/shards \\
+        --backbone ssl=runs/bench_ssl/runs/ssl/export/backbone --backbone random=runs/bench_ssl/runs/random_backbone
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.learning import weighted_mean_r  # noqa: E402
+from bench.report import write_report  # noqa: E402
+from bench.ssl_bench import LABELLED, labels, ridge, ridge_predictions, score  # noqa: E402
+
+
+def photometry(images: np.ndarray) -> np.ndarray:
+    """(n, 17) photometric numbers of (n, 3, S, S) cutouts in 0..255 display levels."""
+    from eval.image_stats import image_stats
+    stats = image_stats(images)
+    n, _, size, _ = images.shape
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    radius = np.hypot(xx, yy)
+    light = np.clip(images - stats["sky"][:, None, None, None], 0, None)
+    band = light.sum(axis=(2, 3)) + 1e-3
+    grey = light.sum(axis=1)
+    total = grey.sum(axis=(1, 2)) + 1e-3
+    growth = [(grey * (radius < r)).sum(axis=(1, 2)) / total for r in (4, 8, 16, 24)]
+    moment = {k: (grey * w).sum(axis=(1, 2)) / total for k, w in (("xx", xx * xx), ("yy", yy * yy), ("xy", xx * yy))}
+    ellipticity = np.hypot(moment["xx"] - moment["yy"], 2 * moment["xy"]) / (moment["xx"] + moment["yy"] + 1e-6)
+    inner = (light * (radius < 6)).sum(axis=(2, 3)) + 1e-3
+    outer = (light * ((radius >= 6) & (radius < 20))).sum(axis=(2, 3)) + 1e-3
+    gradient = np.log(inner[:, 0] / inner[:, 1]) - np.log(outer[:, 0] / outer[:, 1])
+    colours = [np.log(band[:, i] / band[:, j]) for i, j in ((0, 1), (1, 2), (0, 2))]
+    columns = [stats["sky"], stats["noise"], np.log(np.clip(stats["snr"], 1e-3, None)), stats["size"],
+               *np.log(band).T, *colours, gradient, *growth, ellipticity, np.log(grey.max(axis=(1, 2)) + 1e-3)]
+    return np.nan_to_num(np.stack(columns, axis=1))
+
+
+def split_photometry(shards: Path, survey: str, split: str) -> tuple[list[str], np.ndarray]:
+    from eval.image_stats import unnormalise
+    from loaders.evaluation import iter_eval_batches
+    from loaders.source import LoaderConfig
+    from train.config import load_train_config
+    loader = load_train_config(REPO / "configs" / "train" / "cpu.yaml").data.loader
+    cfg = LoaderConfig(shard_root=str(shards), backend="torch", image_size=loader.image_size, mean=loader.mean,
+                       std=loader.std)
+    keys, out = [], []
+    for batch in iter_eval_batches(cfg, survey, split, batch_size=256, max_samples=None):
+        out.append(photometry(unnormalise(batch.images.numpy(), loader.mean, loader.std)))
+        keys += batch.keys
+    return keys, np.concatenate(out)
+
+
+def probe(shards: Path, survey: str) -> tuple[list[str], np.ndarray, float]:
+    """Test-split predictions of the ridge probe on photometry, and the alpha val chose."""
+    fitted = {}
+    for split in ("train", "val", "test"):
+        keys, x = split_photometry(shards, survey, split)
+        label_keys, y = labels(shards, survey, split)
+        order = {k: i for i, k in enumerate(label_keys)}
+        fitted[split] = (keys, x, y[[order[k] for k in keys]])
+    best = None
+    for alpha in (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0):
+        w, _ = ridge(fitted["train"][1], fitted["train"][2], alpha)
+        _, x, y = fitted["val"]
+        r = weighted_mean_r(np.hstack([x, np.ones((len(y), 1))]) @ w, np.nan_to_num(y), np.isfinite(y),
+                            np.ones((1, len(y))))[0]
+        if best is None or r > best[0]:
+            best = (r, w, alpha)
+    keys, x, _ = fitted["test"]
+    return keys, np.hstack([x, np.ones((len(keys), 1))]) @ best[1], best[2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", type=Path, default=REPO / "runs" / "bench_ssl" / "shards",
+                        help="labelled shard root (bench/ssl_bench.py's <out>/shards)")
+    parser.add_argument("--backbone", action="append", default=[], metavar="NAME=DIR",
+                        help="also a frozen backbone folder's ridge probe (ssl_bench's), paired with photometry; "
+                             "repeatable, e.g. ssl=runs/bench_ssl/runs/ssl/export/backbone")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "photometry_probe.json")
+    args = parser.parse_args(argv)
+    if not all((args.shards / s / "labels.parquet").is_file() for s in LABELLED):
+        raise SystemExit(f"error: {args.shards} lacks the labelled surveys {LABELLED}; run bench/ssl_bench.py first "
+                         "or pass --shards")
+    backbones = dict(item.split("=", 1) for item in args.backbone)
+    rows = []
+    for survey in LABELLED:
+        keys, pred, alpha = probe(args.shards, survey)
+        arms = {"ridge photometry": (keys, pred)}
+        arms.update({f"ridge {name}": ridge_predictions(Path(folder), args.shards, survey)[:2]
+                     for name, folder in backbones.items()})
+        pairs = [(f"ridge {name}", "ridge photometry") for name in backbones]
+        row = score(arms, args.shards, survey, "test", pairs, args)
+        rows.append({**row, "alpha": alpha})
+        cells = "  ".join(f"{name} {v['r']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]" for name, v in row["arms"].items())
+        print(f"{survey} (n = {row['n']}, photometry alpha {alpha:g}): {cells}", flush=True)
+        for pair in row["pairs"]:
+            print(f"    {pair['a']} - {pair['b']}: {pair['r']:+.3f} [{pair['lo']:+.3f}, {pair['hi']:+.3f}]")
+    write_report(args.json, "photometry_probe", rows, settings={k: str(v) for k, v in vars(args).items()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
