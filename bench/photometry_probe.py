@@ -22,9 +22,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.learning import weighted_mean_r  # noqa: E402
 from bench.report import write_report  # noqa: E402
-from bench.ssl_bench import LABELLED, labels, ridge, ridge_predictions, score  # noqa: E402
+from bench.ssl_bench import LABELLED, eval_input, ridge_predictions, ridge_probe, score  # noqa: E402
 
 
 def photometry(images: np.ndarray) -> np.ndarray:
@@ -50,39 +49,15 @@ def photometry(images: np.ndarray) -> np.ndarray:
     return np.nan_to_num(np.stack(columns, axis=1))
 
 
-def split_photometry(shards: Path, survey: str, split: str) -> tuple[list[str], np.ndarray]:
+def split_photometry(shards: Path, survey: str, split: str) -> tuple[list[str], dict[str, np.ndarray]]:
     from eval.image_stats import unnormalise
     from loaders.evaluation import iter_eval_batches
-    from loaders.source import LoaderConfig
-    from train.config import load_train_config
-    loader = load_train_config(REPO / "configs" / "train" / "cpu.yaml").data.loader
-    cfg = LoaderConfig(shard_root=str(shards), backend="torch", image_size=loader.image_size, mean=loader.mean,
-                       std=loader.std)
+    cfg = eval_input(shards)
     keys, out = [], []
     for batch in iter_eval_batches(cfg, survey, split, batch_size=256, max_samples=None):
-        out.append(photometry(unnormalise(batch.images.numpy(), loader.mean, loader.std)))
+        out.append(photometry(unnormalise(batch.images.numpy(), cfg.mean, cfg.std)))
         keys += batch.keys
-    return keys, np.concatenate(out)
-
-
-def probe(shards: Path, survey: str) -> tuple[list[str], np.ndarray, float]:
-    """Test-split predictions of the ridge probe on photometry, and the alpha val chose."""
-    fitted = {}
-    for split in ("train", "val", "test"):
-        keys, x = split_photometry(shards, survey, split)
-        label_keys, y = labels(shards, survey, split)
-        order = {k: i for i, k in enumerate(label_keys)}
-        fitted[split] = (keys, x, y[[order[k] for k in keys]])
-    best = None
-    for alpha in (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0):
-        w, _ = ridge(fitted["train"][1], fitted["train"][2], alpha)
-        _, x, y = fitted["val"]
-        r = weighted_mean_r(np.hstack([x, np.ones((len(y), 1))]) @ w, np.nan_to_num(y), np.isfinite(y),
-                            np.ones((1, len(y))))[0]
-        if best is None or r > best[0]:
-            best = (r, w, alpha)
-    keys, x, _ = fitted["test"]
-    return keys, np.hstack([x, np.ones((len(keys), 1))]) @ best[1], best[2]
+    return keys, {"photometry": np.concatenate(out)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,15 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     backbones = dict(item.split("=", 1) for item in args.backbone)
     rows = []
     for survey in LABELLED:
-        keys, pred, alpha = probe(args.shards, survey)
+        keys, pred, choice = ridge_probe(lambda split: split_photometry(args.shards, survey, split), args.shards,
+                                         survey)
         arms = {"ridge photometry": (keys, pred)}
         arms.update({f"ridge {name}": ridge_predictions(Path(folder), args.shards, survey)[:2]
                      for name, folder in backbones.items()})
         pairs = [(f"ridge {name}", "ridge photometry") for name in backbones]
         row = score(arms, args.shards, survey, "test", pairs, args)
-        rows.append({**row, "alpha": alpha})
+        rows.append({**row, "alpha": choice["alpha"]})
         cells = "  ".join(f"{name} {v['r']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]" for name, v in row["arms"].items())
-        print(f"{survey} (n = {row['n']}, photometry alpha {alpha:g}): {cells}", flush=True)
+        print(f"{survey} (n = {row['n']}, photometry alpha {choice['alpha']:g}): {cells}", flush=True)
         for pair in row["pairs"]:
             print(f"    {pair['a']} - {pair['b']}: {pair['r']:+.3f} [{pair['lo']:+.3f}, {pair['hi']:+.3f}]")
     write_report(args.json, "photometry_probe", rows, settings={k: str(v) for k, v in vars(args).items()})

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -60,9 +61,10 @@ def _env() -> dict:
 
 def train(name: str, config: str, overrides: list[str], args: argparse.Namespace) -> Path:
     """One `python -m train` under torchrun; kept when its export exists (a re-run skips it)."""
+    from launch.study_state import export_finished
     from train.world import free_port
     out = args.out / "runs" / name
-    if any((out / "export" / meta).is_file() for meta in ("export.json", "ssl_export.json")):  # written last
+    if export_finished(out / "export"):
         return out
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), "-m", "train", "--config", config, "--out-dir", str(out),
@@ -116,26 +118,31 @@ def labels(shards: Path, survey: str, split: str) -> tuple[list[str], np.ndarray
 N_LAST_BLOCKS = (1, 4)
 
 
-@torch.no_grad()
-def features(backbone_dir: Path, shards: Path, survey: str, split: str) -> tuple[list[str], dict[int, np.ndarray]]:
-    """{n: DINOv2 linear-probe features from the last n blocks} of a backbone folder on a split, through the
-    evaluation input path."""
-    from transformers import Dinov2Model
-
-    from loaders.evaluation import iter_eval_batches
+def eval_input(shards: Path):
+    """The evaluation input path's loader config (cpu.yaml's size, mean and std) on a shard root."""
     from loaders.source import LoaderConfig
     from train.config import load_train_config
     loader = load_train_config(CPU).data.loader
-    cfg = LoaderConfig(shard_root=str(shards), backend="torch", image_size=loader.image_size, mean=loader.mean,
-                       std=loader.std)
+    return LoaderConfig(shard_root=str(shards), backend="torch", image_size=loader.image_size, mean=loader.mean,
+                        std=loader.std)
+
+
+@torch.no_grad()
+def features(backbone_dir: Path, shards: Path, survey: str, split: str) -> tuple[list[str], dict[str, np.ndarray]]:
+    """{"last n blocks": DINOv2 linear-probe features} of a backbone folder on a split, through the evaluation input
+    path."""
+    from transformers import Dinov2Model
+
+    from loaders.evaluation import iter_eval_batches
     model = Dinov2Model.from_pretrained(backbone_dir, local_files_only=True).eval()
     keys, out = [], {n: [] for n in N_LAST_BLOCKS}
-    for batch in iter_eval_batches(cfg, survey, split, batch_size=128, max_samples=None):
-        blocks = [model.layernorm(h) for h in model(pixel_values=batch.images, output_hidden_states=True).hidden_states]
+    for batch in iter_eval_batches(eval_input(shards), survey, split, batch_size=128, max_samples=None):
+        hidden = model(pixel_values=batch.images, output_hidden_states=True).hidden_states
+        blocks = [model.layernorm(h) for h in hidden[-max(N_LAST_BLOCKS):]]
         for n in N_LAST_BLOCKS:
             out[n].append(torch.cat([*(h[:, 0] for h in blocks[-n:]), blocks[-1][:, 1:].mean(dim=1)], 1).numpy())
         keys += batch.keys
-    return keys, {n: np.concatenate(parts) for n, parts in out.items()}
+    return keys, {f"last {n} block(s)": np.concatenate(parts) for n, parts in out.items()}
 
 
 def ridge(train_x: np.ndarray, train_y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
@@ -153,27 +160,32 @@ def ridge(train_x: np.ndarray, train_y: np.ndarray, alpha: float) -> tuple[np.nd
     return np.vstack([weights[:-1] / std[:, None], weights[-1:] - (mean / std) @ weights[:-1]]), mean
 
 
-def ridge_predictions(backbone_dir: Path, shards: Path, survey: str) -> tuple[list[str], np.ndarray, dict]:
-    """Test-split predictions of a ridge probe fitted on the train split, the blocks (N_LAST_BLOCKS) and alpha
-    chosen by val mean r; and the choice."""
+def ridge_probe(split_features, shards: Path, survey: str) -> tuple[list[str], np.ndarray, dict]:
+    """Test-split predictions of a ridge probe fitted on the train split, with the input (one of the options
+    `split_features(split) -> (keys, {option: features})` gives) and alpha chosen by val mean r; and the choice."""
     fitted = {}
     for split in ("train", "val", "test"):
-        keys, x = features(backbone_dir, shards, survey, split)
+        keys, x = split_features(split)
         label_keys, y = labels(shards, survey, split)
         order = {k: i for i, k in enumerate(label_keys)}
         fitted[split] = (keys, x, y[[order[k] for k in keys]])
     best = None
-    for n in N_LAST_BLOCKS:
+    for option in fitted["train"][1]:
         for alpha in (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0):
-            w, _ = ridge(fitted["train"][1][n], fitted["train"][2], alpha)
+            w, _ = ridge(fitted["train"][1][option], fitted["train"][2], alpha)
             _, x, y = fitted["val"]
-            pred = np.hstack([x[n], np.ones((len(y), 1))]) @ w
+            pred = np.hstack([x[option], np.ones((len(y), 1))]) @ w
             r = weighted_mean_r(pred, np.nan_to_num(y), np.isfinite(y), np.ones((1, len(y))))[0]
             if best is None or r > best[0]:
-                best = (r, w, {"n_last_blocks": n, "alpha": alpha, "val_r": float(r)})
+                best = (r, w, {"input": option, "alpha": alpha, "val_r": float(r)})
     keys, x, _ = fitted["test"]
-    n = best[2]["n_last_blocks"]
-    return keys, np.hstack([x[n], np.ones((len(keys), 1))]) @ best[1], best[2]
+    return keys, np.hstack([x[best[2]["input"]], np.ones((len(keys), 1))]) @ best[1], best[2]
+
+
+@functools.cache  # the recipe's teacher is probed again beside every variant
+def ridge_predictions(backbone_dir: Path, shards: Path, survey: str) -> tuple[list[str], np.ndarray, dict]:
+    """ridge_probe on a backbone folder's DINOv2 linear-probe features (the last 1 or 4 blocks)."""
+    return ridge_probe(lambda split: features(backbone_dir, shards, survey, split), shards, survey)
 
 
 @torch.no_grad()
@@ -324,7 +336,7 @@ def print_rows(title: str, rows: list[dict]) -> None:
         cells = "  ".join(f"{name} {v['r']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]" for name, v in row["arms"].items())
         print(f"  {row['survey']} {row['split']} (n={row['n']}): {cells}")
         for name, c in row.get("probe_choice", {}).items():
-            print(f"    {name}: last {c['n_last_blocks']} block(s), alpha {c['alpha']:g} (val r {c['val_r']:.3f})")
+            print(f"    {name}: {c['input']}, alpha {c['alpha']:g} (val r {c['val_r']:.3f})")
         for p in row["pairs"]:
             print(f"    {p['a']} - {p['b']}: {p['r']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}] (P(> 0) = {p['p_gt0']:.2f})")
 
