@@ -1,7 +1,7 @@
 """Benchmark: what self-supervised pretraining (stage ssl, configs/train/ssl_cpu.yaml) is worth (issue 17).
 
 On mock SDSS, DECaLS, HST and UKIDSS surveys (launch.demo's, plus an unlabeled build of UKIDSS) it runs:
-1. two SSL pretrainings: on sdss+decals+hst+unlabeled ukidss images ("ssl") and on sdss+decals+hst only
+1. two SSL pretrainings of the recipe: on sdss+decals+hst+unlabeled ukidss images ("ssl") and on sdss+decals+hst only
    ("ssl_no_ukidss");
 2. frozen features: a ridge probe (per survey, fitted on its train split; DINOv2's linear-probe input from the last
    1 or 4 blocks and alpha chosen on val) and a head stage (configs/train/cpu.yaml, stage head) on the SSL teacher
@@ -11,17 +11,18 @@ On mock SDSS, DECaLS, HST and UKIDSS surveys (launch.demo's, plus an unlabeled b
    training labels (data.label_fraction);
 4. adaptation: the two SSL backbones each fine-tuned on the 33/33/34 mix with all labels, scored on every UKIDSS
    galaxy (which no fine-tuning saw);
-5. longer SSL (--long-ssl-steps, default 2,000) and SSL on more unlabeled images (--more-unlabeled, default 6,000
-   more galaxies per survey from another mock sky, none of them labelled): each one's frozen probe and 10%-label
+5. the recipe without its brightness and contrast jitter ("nojitter"): its frozen probe against the recipe's, and its
+   10%-label fine-tunings;
+6. optionally, longer SSL (--long-ssl-steps, e.g. 2,000) and SSL on more unlabeled images (--more-unlabeled, e.g.
+   6,000 more galaxies per survey from another mock sky, none of them labelled): each one's frozen probe and 10%-label
    fine-tunings.
 Every number is mean Pearson r over the 26 features on the test split (every galaxy for UKIDSS) with a 95% bootstrap
 interval over galaxies; comparisons are paired (the same resamples for both arms). Runs are kept under --out: a
 re-run skips what is done. Prints the tables and writes JSON. (Not bench/ssl.py: run by path, a bench script puts
 bench/ on sys.path, where a module named ssl would shadow Python's own.)
 
-    python bench/ssl_bench.py --out runs/bench_ssl                      # 1,500 galaxies per survey; about 2 hours
-    python bench/ssl_bench.py --out /tmp/s --num-galaxies 300 --ssl-steps 60 --ft-steps 60 --head-steps 60 \\
-        --long-ssl-steps 0 --more-unlabeled 0  # smoke
+    python bench/ssl_bench.py --out runs/bench_ssl                      # 1,500 galaxies per survey; ~1.5 hours
+    python bench/ssl_bench.py --out /tmp/s --num-galaxies 300 --ssl-steps 60 --ft-steps 60 --head-steps 60  # smoke
 """
 
 from __future__ import annotations
@@ -349,9 +350,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--nproc", type=int, default=2, help="torchrun processes per run")
     parser.add_argument("--ssl-steps", type=int, help="SSL steps (default: ssl_cpu.yaml's max_steps)")
     parser.add_argument("--ft-steps", type=int, default=1000, help="fine-tuning steps (cpu.yaml recipe)")
-    parser.add_argument("--long-ssl-steps", type=int, default=2000,
+    parser.add_argument("--long-ssl-steps", type=int, default=0,
                         help="also run the SSL recipe this long: its frozen probe, 10%%-label fine-tunings (0 skips)")
-    parser.add_argument("--more-unlabeled", type=int, default=6000,
+    parser.add_argument("--more-unlabeled", type=int, default=0,
                         help="also run the SSL recipe on this many more unlabeled galaxies of each survey, from "
                              "another mock sky: its frozen probe, 10%%-label fine-tunings (0 skips)")
     parser.add_argument("--head-steps", type=int, default=600, help="head-stage steps on a frozen backbone")
@@ -382,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {"frozen": frozen(args, shards, backbones)}
     result["scarce"], runs = scarce(args, shards, backbones["ssl"])
     result["adaptation"] = adaptation(args, shards, runs["ssl 100pct"], ssl_without / "export" / "backbone")
+    no_jitter = [f"data.loader.views.{crops}.{knob}=0.0" for crops in ("global_crops", "local_crops")
+                 for knob in ("brightness", "contrast")]
+    result["nojitter"] = variant(args, shards, "nojitter", [f"data.loader.shard_root={ssl_root}", f"data.mix={four}",
+                                                            *ssl_steps, *no_jitter])
     if args.long_ssl_steps:
         result["longer"] = variant(args, shards, "long", [f"data.loader.shard_root={ssl_root}", f"data.mix={four}",
                                                           f"max_steps={args.long_ssl_steps}"])
@@ -391,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     print_rows("frozen features: mean r on the test split", result["frozen"])
     print_rows("scarce labels: full fine-tuning, mean r on the test split", result["scarce"])
     print_rows("adaptation: fine-tuned on the 33/33/34 mix, every UKIDSS galaxy", [result["adaptation"]])
+    print_rows("without brightness and contrast jitter: frozen and 10% of the labels, test split", result["nojitter"])
     if args.long_ssl_steps:
         print_rows(f"longer SSL ({args.long_ssl_steps} steps): frozen and 10% of the labels, test split",
                    result["longer"])

@@ -39,6 +39,10 @@ class AugmentConfig:
     (costs up to 1.41x zoom at 45 degrees); False keeps the window and repeats edge pixels at corners."""
     crop_scale: tuple[float, float] = (0.64, 1.0)
     """Random resized crop: area of the window as a fraction of the image."""
+    center_range: float = 1.0
+    """How far the window's centre may move from the image's centre, as a fraction of the farthest it can go inside
+    the image: 1 anywhere (torchvision's random resized crop), 0 always centred: survey cutouts are centred on their
+    galaxy. (For SSL views, 0.25 made the features worse on every survey: docs/BENCHMARKS.md.)"""
     crop_ratio: tuple[float, float] = (1.0, 1.0)
     """Random resized crop: width / height of the window, drawn log-uniformly. Square by default: a window
     of another shape stretches the galaxy, changing its axis ratio, which is a label (how-rounded, edge-on)."""
@@ -46,6 +50,9 @@ class AugmentConfig:
     """Brightness factor drawn in [1 - brightness, 1 + brightness]."""
     contrast: float = 0.1
     """Contrast factor drawn in [1 - contrast, 1 + contrast], about CONTRAST_CENTER."""
+    channel_gain: float = 0.0
+    """Each of R, G, B scaled by its own factor drawn in [1 - channel_gain, 1 + channel_gain]: a galaxy's colours
+    change (as dust, redshift and another survey's filters change them) and its structure does not. 0: colours kept."""
     degrade_prob: float = 0.0
     """Probability of the survey-degradation transform (PSF blur, coarser pixels, noise) per sample."""
     degrade_surveys: tuple[str, ...] = ()
@@ -61,11 +68,15 @@ class AugmentConfig:
         for name in ("hflip_prob", "vflip_prob", "degrade_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"augment.{name} must be a probability in [0, 1], got {getattr(self, name)!r}")
-        for name in ("rotation_deg", "rotation_step_deg", "brightness", "contrast"):
+        if not 0.0 <= self.center_range <= 1.0:
+            raise ValueError(f"augment.center_range must be in [0, 1] (1: anywhere, 0: centred), "
+                             f"got {self.center_range!r}")
+        for name in ("rotation_deg", "rotation_step_deg", "brightness", "contrast", "channel_gain"):
             if not getattr(self, name) >= 0.0:
                 raise ValueError(f"augment.{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.brightness >= 1.0 or self.contrast >= 1.0:
-            raise ValueError("augment.brightness and augment.contrast must be < 1 (factors stay positive)")
+        if max(self.brightness, self.contrast, self.channel_gain) >= 1.0:
+            raise ValueError("augment.brightness, augment.contrast and augment.channel_gain must be < 1 (factors stay "
+                             "positive)")
         _check_range("crop_scale", self.crop_scale, 0.0, 1.0, open_low=True)
         _check_range("crop_ratio", self.crop_ratio, 0.0, math.inf, open_low=True)
         _check_range("psf_sigma_px", self.psf_sigma_px, 0.0, math.inf)
@@ -97,6 +108,7 @@ class SampleDraw:
     crop_v: float = 0.5
     brightness: float = 1.0
     contrast: float = 1.0
+    channel_gain: tuple[float, float, float] = (1.0, 1.0, 1.0)
     degrade_u: float = 1.0
     """Compared with degrade_prob: the transform applies when degrade_u < degrade_prob."""
     psf_sigma_px: float = 0.0
@@ -138,8 +150,11 @@ def draw_batch(cfg: AugmentConfig, seed: int, epoch: int, batch_index: int, glob
         "noise_std": rng.uniform(*cfg.noise_std, n),
         "noise_seed": rng.integers(0, 2**63 - 1, n),
     }
+    # Drawn last, so that a run with channel_gain on sees the same crops, flips and noise as one without.
+    gains = rng.uniform(1 - cfg.channel_gain, 1 + cfg.channel_gain, (n, 3))
     names, rows = list(columns), zip(*(values[positions].tolist() for values in columns.values()))
-    return [SampleDraw(**dict(zip(names, row))) for row in rows]
+    return [SampleDraw(**dict(zip(names, row)), channel_gain=tuple(gain))
+            for row, gain in zip(rows, gains[positions].tolist())]
 
 
 @dataclass(frozen=True, eq=False)
@@ -162,6 +177,8 @@ class SamplePlan:
     contrast: float
     src_hw: tuple[int, int] = (0, 0)
     """(height, width) of the decoded image the plan was made for."""
+    channel_gain: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    """R, G, B factors applied with brightness."""
     crop: tuple[int, int, int, int] | None = None
     """(x0, y0, x1, y1): the part of the decoded image the plan reads, to be cut out before anything else (its
     matrices are relative to it), when a degradation or prefilter blur would otherwise run on far more of the image
@@ -173,7 +190,8 @@ def make_plan(cfg: AugmentConfig, draw: SampleDraw, src_hw: tuple[int, int], out
     """Turn one position's draws into operations for an image of `src_hw` (height, width) pixels."""
     h, w = src_hw
     matrix = _crop_matrix(cfg, draw, h, w, out_size) if cfg.enabled else _scale_matrix(w / out_size, h / out_size)
-    common = {"brightness": draw.brightness, "contrast": draw.contrast, "src_hw": (h, w)}
+    common = {"brightness": draw.brightness, "contrast": draw.contrast, "src_hw": (h, w),
+              "channel_gain": draw.channel_gain}
     if (cfg.enabled and draw.degrade_u < cfg.degrade_prob
             and (not cfg.degrade_surveys or survey in cfg.degrade_surveys)):
         return _degraded_plan(draw, matrix, (h, w), out_size, common)
@@ -277,7 +295,9 @@ def _crop_matrix(cfg: AugmentConfig, draw: SampleDraw, h: int, w: int, out_size:
         box_w, box_h = crop_w * abs(cos) + crop_h * abs(sin), crop_w * abs(sin) + crop_h * abs(cos)
         shrink = min(1.0, w / box_w, h / box_h)
         crop_w, crop_h, box_w, box_h = crop_w * shrink, crop_h * shrink, box_w * shrink, box_h * shrink
-    centre_x, centre_y = box_w / 2 + draw.crop_u * (w - box_w), box_h / 2 + draw.crop_v * (h - box_h)
+    # The draws stay uniform in [0, 1] and are pulled towards 0.5, so center_range changes no other draw.
+    u, v = (0.5 + (d - 0.5) * cfg.center_range for d in (draw.crop_u, draw.crop_v))
+    centre_x, centre_y = box_w / 2 + u * (w - box_w), box_h / 2 + v * (h - box_h)
     # Output pixel -> window coordinates (flipped about the window centre) -> rotated into the image:
     # rotation @ diag(window px per output px) @ diag(flips), written out (numpy costs more for 2 x 2 than the math).
     sx = crop_w / out_size * (-1.0 if draw.hflip else 1.0)
@@ -312,9 +332,11 @@ def apply_plan(image: torch.Tensor, plan: SamplePlan, out_size: int) -> torch.Te
 
 
 def adjust(image: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
-    """The plan's brightness and contrast, the last step of apply_plan."""
+    """The plan's brightness, contrast and channel gains, the last step of apply_plan."""
     if plan.brightness != 1.0 or plan.contrast != 1.0:
         image = plan.brightness * (CONTRAST_CENTER + plan.contrast * (image - CONTRAST_CENTER))
+    if plan.channel_gain != (1.0, 1.0, 1.0):
+        image = image * torch.tensor(plan.channel_gain, dtype=image.dtype).view(3, 1, 1)
     return image
 
 

@@ -105,15 +105,15 @@ def _resize_windows(matrices: np.ndarray, out_size: int) -> dict[str, np.ndarray
     return {"axis_aligned": aligned, "transposed": transposed, "roi_start": start, "roi_end": end}
 
 
-def _normalisation(brightness: np.ndarray, contrast: np.ndarray, mean: np.ndarray,
+def _normalisation(brightness: np.ndarray, contrast: np.ndarray, channel_gain: np.ndarray, mean: np.ndarray,
                    std: np.ndarray) -> dict[str, np.ndarray]:
-    """brightness * (C + contrast * (x - C)), then (y - mean) / std, as one (x - mean') / std' per sample.
+    """gain_c * brightness * (C + contrast * (x - C)), then (y - mean) / std, as one (x - mean') / std' per sample.
 
     Folding the jitter into crop_mirror_normalize saves a float pass over every image and, unlike
     fn.brightness_contrast on uint8, never clamps, so it equals the torch backend's float arithmetic.
     """
-    gain = (brightness * contrast)[:, None]
-    offset = (brightness * CONTRAST_CENTER * (1.0 - contrast))[:, None]
+    gain = (brightness * contrast)[:, None] * channel_gain
+    offset = (brightness * CONTRAST_CENTER * (1.0 - contrast))[:, None] * channel_gain
     return {"norm_mean": ((mean - offset) / gain).astype(np.float32), "norm_std": (std / gain).astype(np.float32)}
 
 
@@ -161,7 +161,8 @@ def _plan_columns(plans: list, out_size: int, mean: np.ndarray, std: np.ndarray)
         "prefilter": prefilter_sigma > 0, "prefilter_sigma": prefilter_sigma,
         "matrix": matrices, **_resize_windows(matrices, out_size),
         **_normalisation(np.array([p.brightness for p in plans], np.float64),
-                         np.array([p.contrast for p in plans], np.float64), mean, std)}
+                         np.array([p.contrast for p in plans], np.float64),
+                         np.array([p.channel_gain for p in plans], np.float64).reshape(n, 3), mean, std)}
 
 
 def _resample(images, s, out_size: int):

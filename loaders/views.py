@@ -3,8 +3,9 @@
 A global batch's views are drawn like its augmentation (loaders.augment.draw_batch): view v of every position
 from one generator seeded by (seed, epoch, batch index, VIEWS_STREAM, v), then sliced by rank, so a sample's views
 depend on neither the world size nor the loader worker. Each view is a random resized crop with astronomy
-augmentations (flips, right-angle or free rotations, the survey-degradation transform); no colour, brightness,
-contrast or solarize operation: a galaxy's colours and surface brightness are what it is.
+augmentations (flips, right-angle or free rotations, the survey-degradation transform). Brightness, contrast and
+per-band gains are off unless a crop set asks for them (a galaxy's colours and surface brightness are physical); there
+is no hue, greyscale or solarize operation.
 The backends decode a sample once and run every view's SamplePlan on the decoded image.
 """
 
@@ -30,6 +31,10 @@ class CropSet:
     scale: tuple[float, float] = (0.32, 1.0)
     """Area of the crop window as a fraction of the image, drawn uniformly: the size jitter (the galaxy appears
     1 / sqrt(scale) times larger)."""
+    center_range: float = 1.0
+    """How far a window's centre may stray from the cutout's centre, as a fraction of the farthest it can go: 1
+    anywhere (DINOv2's), 0 always centred (cutouts are centred on their galaxy). 0.25 on both crop sets made the SSL
+    features worse on every survey (docs/BENCHMARKS.md): off-centre local crops are part of the task."""
     ratio: tuple[float, float] = (1.0, 1.0)
     """Width / height of the window, drawn log-uniformly; square keeps a galaxy's axis ratio."""
     rotation_deg: float = 180.0
@@ -51,6 +56,13 @@ class CropSet:
     """Coarser pixel grid: 1 keeps the pixels, 2 halves the resolution."""
     noise_std: tuple[float, float] = (0.0, 4.0)
     """Additive Gaussian noise on the coarse grid, 0..255 pixel units."""
+    brightness: float = 0.0
+    """Brightness factor in [1 - brightness, 1 + brightness]; 0 (the default) keeps a galaxy's surface brightness."""
+    contrast: float = 0.0
+    """Contrast factor in [1 - contrast, 1 + contrast] about mid-grey; 0 keeps the stretch."""
+    channel_gain: float = 0.0
+    """R, G, B each scaled by its own factor in [1 - channel_gain, 1 + channel_gain]; 0 keeps the colours.
+    The only colour operation: no hue rotation, greyscale or solarize. (0.3 did not help the SSL recipe.)"""
 
     def __post_init__(self) -> None:
         for name, minimum in (("count", 0), ("size", 8)):
@@ -71,11 +83,12 @@ class CropSet:
             raise ValueError(f"views crop set: {message.replace('augment.', '')}") from None
 
     def augment(self, k: int) -> AugmentConfig:
-        """The set's k-th view as a single-image augmentation (brightness and contrast off)."""
+        """The set's k-th view as a single-image augmentation."""
         return AugmentConfig(
             enabled=True, rotation_deg=self.rotation_deg, rotation_step_deg=self.rotation_step_deg,
             hflip_prob=self.hflip_prob, vflip_prob=self.vflip_prob, fit_rotation=self.fit_rotation,
-            crop_scale=self.scale, crop_ratio=self.ratio, brightness=0.0, contrast=0.0,
+            crop_scale=self.scale, center_range=self.center_range, crop_ratio=self.ratio, brightness=self.brightness,
+            contrast=self.contrast, channel_gain=self.channel_gain,
             degrade_prob=self.degrade_prob[k % len(self.degrade_prob)], degrade_surveys=self.degrade_surveys,
             psf_sigma_px=self.psf_sigma_px, resample_factor=self.resample_factor, noise_std=self.noise_std)
 

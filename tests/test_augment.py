@@ -1,5 +1,7 @@
 """Augmentation geometry and filters, without shards: what a morphology label may and may not see change."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -131,3 +133,39 @@ def test_spectral_norm_is_numpy_s():
     rng = np.random.default_rng(0)
     for m in [*rng.normal(size=(200, 2, 2)), np.eye(2), np.zeros((2, 2)), np.array([[0.0, -2.0], [1.5, 0.0]])]:
         assert _spectral_norm(m) == pytest.approx(np.linalg.norm(m, 2), rel=1e-9, abs=1e-12)
+
+
+def test_center_range_pulls_the_crop_window_towards_the_cutout_centre():
+    # A small window anywhere in an HST cutout mostly sees sky; center_range keeps it on the (centred) galaxy.
+    local = AugmentConfig(enabled=True, crop_scale=(0.05, 0.3))
+    draws = draw_batch(local, seed=2, epoch=0, batch_index=0, global_batch_size=64, positions=slice(0, 64))
+    assert draw_batch(replace(local, center_range=0.0), 2, 0, 0, 64, slice(0, 64)) == draws  # no other draw moves
+
+    def window_centres(center_range: float) -> np.ndarray:
+        cfg = replace(local, center_range=center_range)
+        plans = [make_plan(cfg, d, (256, 256), 32, "hst") for d in draws]
+        # Where the output's centre samples the image (a plan's matrix reads the part of the image it cut out).
+        return np.array([p.matrix.astype(np.float64) @ [16.0, 16.0, 1.0] + (p.crop[:2] if p.crop else 0)
+                         for p in plans])
+
+    anywhere, centred, near = window_centres(1.0), window_centres(0.0), window_centres(0.25)
+    np.testing.assert_allclose(centred, 128.0, atol=1e-3)
+    # Offsets scale by the range: the same draws, a quarter of the way out.
+    np.testing.assert_allclose(near - 128.0, 0.25 * (anywhere - 128.0), atol=1e-3)
+    assert np.abs(anywhere - 128.0).max() > 60  # the default still reaches the cutout's edges
+    with pytest.raises(ValueError, match="center_range"):
+        AugmentConfig(center_range=1.5)
+
+
+def test_channel_gain_scales_each_band_by_its_own_draw_and_moves_no_other_draw():
+    cfg = AugmentConfig(enabled=True, brightness=0.0, contrast=0.0, channel_gain=0.3, rotation_step_deg=90.0,
+                        crop_scale=(1.0, 1.0))
+    draws = draw_batch(cfg, seed=4, epoch=0, batch_index=1, global_batch_size=16, positions=slice(0, 16))
+    plain = draw_batch(replace(cfg, channel_gain=0.0), 4, 0, 1, 16, slice(0, 16))
+    assert [replace(d, channel_gain=(1.0, 1.0, 1.0)) for d in draws] == plain
+    gains = np.array([d.channel_gain for d in draws])
+    assert gains.min() >= 0.7 and gains.max() <= 1.3 and gains.std(axis=1).min() > 0  # bands differ
+    image = torch.full((3, 32, 32), 100.0)
+    for draw, gain in zip(draws, gains):
+        out = apply_plan(image, make_plan(cfg, draw, (32, 32), 32, "sdss"), 32)
+        np.testing.assert_allclose(out.mean(dim=(1, 2)).numpy(), 100.0 * gain, rtol=1e-5)

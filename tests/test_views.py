@@ -17,7 +17,9 @@ from sharding.config import from_dict
 
 MIX = MixConfig(ratios="sdss=0.34,decals=0.33,hst=0.33", global_batch_size=12, epoch_samples=24, seed=0)
 VIEWS = ViewsConfig(enabled=True, global_crops=CropSet(count=2, size=40, degrade_prob=(1.0, 0.0)),
-                    local_crops=LocalCrops(count=3, size=24, rotation_step_deg=90))  # resize paths in DALI
+                    # resize paths in DALI, with the colour jitter folded into its normalisation
+                    local_crops=LocalCrops(count=3, size=24, rotation_step_deg=90, brightness=0.2, contrast=0.2,
+                                           channel_gain=0.3))
 
 
 def make_config(root, backend, **overrides) -> LoaderConfig:
@@ -40,16 +42,22 @@ def to_pixels(images: torch.Tensor, cfg: LoaderConfig) -> torch.Tensor:
 
 def test_views_config_loads_from_yaml_and_checks_its_values():
     cfg = from_dict(LoaderConfig, {"views": {"enabled": True, "global_crops": {"size": 64, "degrade_prob": [0.5]},
-                                             "local_crops": {"count": 4, "size": 32}}})
+                                             "local_crops": {"count": 4, "size": 32, "center_range": 0.25}}})
     views = cfg.views
     assert views.global_crops.scale == (0.32, 1.0) and views.global_crops.degrade_prob == (0.5,)
     # A partial local_crops keeps the local defaults, not the global ones.
     assert views.local_crops.scale == (0.05, 0.32) and views.local_crops.degrade_prob == (0.5,)
     assert views.sizes == [64, 64, 32, 32, 32, 32] and views.num_global_views == 2 and views.num_views == 6
-    assert all(a.brightness == 0 and a.contrast == 0 for a in views.augments())  # no colour operations
+    assert [a.center_range for a in views.augments()] == [1.0] * 2 + [0.25] * 4
+    # Colours and surface brightness are kept unless asked otherwise.
+    assert all(a.brightness == 0 and a.contrast == 0 and a.channel_gain == 0 for a in views.augments())
     assert LoaderConfig().views.enabled is False and LoaderConfig().views.sizes == []
-    with pytest.raises(ValueError, match="unknown key.*brightness"):
-        from_dict(LoaderConfig, {"views": {"global_crops": {"brightness": 0.2}}})
+    jittered = from_dict(LoaderConfig, {"views": {"enabled": True, "global_crops": {"channel_gain": 0.2}}}).views
+    assert [a.channel_gain for a in jittered.augments()] == [0.2] * 2 + [0.0] * 8
+    with pytest.raises(ValueError, match="unknown key.*hue"):
+        from_dict(LoaderConfig, {"views": {"global_crops": {"hue": 0.2}}})
+    with pytest.raises(ValueError, match="channel_gain must be < 1"):
+        CropSet(channel_gain=1.0)
     with pytest.raises(ValueError, match="views crop set: scale"):
         CropSet(scale=(0.9, 0.5))
     with pytest.raises(ValueError, match="degrade_prob"):

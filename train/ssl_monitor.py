@@ -23,6 +23,7 @@ from models.ssl_losses import Reduce
 
 # Thresholds: a healthy run of the ssl configs stays well inside them (README, Self-supervised), the negative
 # controls (centering off, teacher temperature 1.0) cross them within a few steps.
+DINOV2_TEACHER_TEMP = 0.07  # DINOv2's teacher temperature after its warm-up from 0.04
 UNIFORM_ENTROPY_SHARE = 0.95  # teacher_entropy / ln K above this: uniform targets
 DOMINANT_PROTOTYPE_SHARE = 0.25  # prototype_entropy / ln(min(K, rows)) below this: a few prototypes for everything
 COLLAPSED_CLS_STD = 0.05
@@ -119,8 +120,14 @@ def likely_cause(kind: str, monitors: dict[str, float], settings: dict) -> str:
     values centering, teacher_temp, student_temp, global_batch_size, num_global_crops)."""
     k, crops = int(monitors["num_prototypes"]), settings["global_batch_size"] * settings["num_global_crops"]
     if kind == "uniform":
-        return (f"the teacher's targets are near uniform (entropy {monitors['teacher_entropy']:.3f} of ln K = "
-                f"{math.log(k):.3f}): the teacher temperature ({settings['teacher_temp']}) is too high; it must be "
+        head = (f"the teacher's targets are near uniform (entropy {monitors['teacher_entropy']:.3f} of ln K = "
+                f"{math.log(k):.3f})")
+        if settings["teacher_temp"] <= DINOV2_TEACHER_TEMP and settings["teacher_temp"] < settings["student_temp"]:
+            # Seen with strong view augmentation (the CPU recipe's brightness/contrast jitter) while features improve.
+            return (f"{head} at DINOv2's temperatures (teacher {settings['teacher_temp']:.3g}, student "
+                    f"{settings['student_temp']:.3g}): the views may share little the model can match yet; if the kNN "
+                    f"probe still rises, it is learning; if not, lower ssl.teacher_temp or weaken the augmentation")
+        return (f"{head}: the teacher temperature ({settings['teacher_temp']}) is too high; it must be "
                 f"well below the student's ({settings['student_temp']}); DINOv2 warms it from 0.04 to 0.07")
     if kind == "dominant":
         if settings["centering"] == "none":
