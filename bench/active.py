@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.learning import bootstrap_weights, interval, weighted_mean_r  # noqa: E402
 from bench.report import write_report  # noqa: E402
-from bench.ssl_bench import CPU, labels, model_predictions, train  # noqa: E402
+from bench.ssl_bench import CPU, fingerprint_shards, fresh_shards, labels, model_predictions, train  # noqa: E402
 
 STRATEGIES = ("random", "uncertainty", "diversity", "hybrid")
 
@@ -66,11 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def make_data(args: argparse.Namespace) -> Path:
-    from launch.demo import make_shards
-    shards = args.out / "shards"
-    surveys = {s.split("=")[0] for s in args.base_mix.split(",")} | {args.survey}
-    if not all((shards / s / "manifest.json").is_file() for s in surveys):
-        make_shards(args.out, args.num_galaxies, argparse.Namespace(seed=0, workers=2, corrupt_fraction=0.0))
+    shards = fresh_shards(args)
+    fingerprint_shards(args, shards)
     return shards
 
 

@@ -18,8 +18,9 @@ On mock SDSS, DECaLS, HST and UKIDSS surveys (launch.demo's, plus an unlabeled b
    fine-tunings.
 Every number is mean Pearson r over the 26 features on the test split (every galaxy for UKIDSS) with a 95% bootstrap
 interval over galaxies; comparisons are paired (the same resamples for both arms). Runs are kept under --out: a
-re-run skips what is done. Prints the tables and writes JSON. (Not bench/ssl.py: run by path, a bench script puts
-bench/ on sys.path, where a module named ssl would shadow Python's own.)
+re-run makes the mock shards again and skips the runs done on the same shards (bench.kept). Prints the tables and
+writes JSON. (Not bench/ssl.py: run by path, a bench script puts bench/ on sys.path, where a module named ssl would
+shadow Python's own.)
 
     python bench/ssl_bench.py --out runs/bench_ssl                      # 1,500 galaxies per survey; ~1.5 hours
     python bench/ssl_bench.py --out /tmp/s --num-galaxies 300 --ssl-steps 60 --ft-steps 60 --head-steps 60  # smoke
@@ -43,6 +44,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.kept import kept, newest_manifest_time, record_run, shard_fingerprint  # noqa: E402
 from bench.learning import bootstrap_weights, interval, weighted_mean_r  # noqa: E402
 from bench.report import write_report  # noqa: E402
 
@@ -65,7 +67,7 @@ def train(name: str, config: str, overrides: list[str], args: argparse.Namespace
     from launch.study_state import export_finished
     from train.world import free_port
     out = args.out / "runs" / name
-    if export_finished(out / "export"):
+    if kept(out, export_finished(out / "export"), args.shards_fingerprint, args.shards_built_at):
         return out
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), "-m", "train", "--config", config, "--out-dir", str(out),
@@ -76,25 +78,43 @@ def train(name: str, config: str, overrides: list[str], args: argparse.Namespace
     (out / "stdout.txt").write_text(result.stdout + result.stderr)
     if result.returncode:
         raise RuntimeError(f"{name} failed (log: {out / 'stdout.txt'}):\n{result.stderr[-3000:]}")
+    record_run(out, args.shards_fingerprint)
     print(f"  {name}: {time.perf_counter() - started:.0f} s", flush=True)
     return out
 
 
+STALE_HINT = (" (where the build says its folder holds a build made with different arguments, the mock changed "
+              "since that build: runs on the old shards do not compare with new ones; use another --out)")
+
+
+def fresh_shards(args: argparse.Namespace) -> Path:
+    """launch.demo's mock surveys under args.out/shards, made again every time (about a minute): the build finds
+    nothing to do when they are what this code makes, and stops when they are not."""
+    from launch.demo import make_shards
+    try:
+        return make_shards(args.out, args.num_galaxies,
+                           argparse.Namespace(seed=args.seed, workers=2, corrupt_fraction=0.0))
+    except RuntimeError as err:
+        raise RuntimeError(f"{err}{STALE_HINT}") from None
+
+
+def fingerprint_shards(args: argparse.Namespace, *roots: Path) -> None:
+    """What train() checks kept runs against (bench.kept)."""
+    args.shards_fingerprint = shard_fingerprint(*roots)
+    args.shards_built_at = newest_manifest_time(*roots)
+
+
 def make_data(args: argparse.Namespace) -> tuple[Path, Path]:
     """(labelled shard root, SSL shard root): the demo's mock surveys, and UKIDSS once more, unlabeled."""
-    from launch.demo import make_shards
     from sharding import build
     from sharding.registry import load_survey
-    labelled = args.out / "shards"
-    if not all((labelled / s / "manifest.json").is_file() for s in (*LABELLED, HELD_OUT)):
-        make_shards(args.out, args.num_galaxies, argparse.Namespace(seed=args.seed, workers=2, corrupt_fraction=0.0))
+    labelled = fresh_shards(args)
     unlabeled = args.out / "shards_unlabeled"
     raw = args.out / "raw" / HELD_OUT
-    built = (unlabeled / HELD_OUT / "manifest.json").is_file()  # kept like the labelled shards: runs used them
-    if not built and build.main(["--survey", HELD_OUT, "--catalog", str(raw / Path(load_survey(HELD_OUT).catalog).name),
-                                 "--images", str(raw / "images"), "--out", str(unlabeled), "--unlabeled",
-                                 "--no-progress"]):
-        raise RuntimeError("the unlabeled UKIDSS build failed")
+    if build.main(["--survey", HELD_OUT, "--catalog", str(raw / Path(load_survey(HELD_OUT).catalog).name),
+                   "--images", str(raw / "images"), "--out", str(unlabeled), "--unlabeled", "--no-progress"]):
+        raise RuntimeError(f"the unlabeled UKIDSS build failed{STALE_HINT}")
+    fingerprint_shards(args, labelled, unlabeled)
     ssl_root = args.out / "shards_ssl"
     ssl_root.mkdir(exist_ok=True)
     for survey, target in [*((s, labelled / s) for s in LABELLED), (HELD_OUT, unlabeled / HELD_OUT)]:
@@ -320,14 +340,12 @@ def more_images(args: argparse.Namespace) -> Path:
     from sharding.registry import load_survey
     root = args.out / "more"
     for survey in (*LABELLED, HELD_OUT):
-        raw = root / "raw" / survey
-        if (root / "shards" / survey / "manifest.json").is_file():
-            continue
+        raw = root / "raw" / survey  # made again every time, as fresh_shards' (the build then finds nothing to do)
         if mock.main(["--survey", survey, "--num-galaxies", str(args.more_unlabeled), "--out", str(raw), "--seed",
                       str(args.seed + 1), "--workers", "2", "--overwrite", "--no-progress"]) or build.main([
                 "--survey", survey, "--catalog", str(raw / Path(load_survey(survey).catalog).name), "--images",
                 str(raw / "images"), "--out", str(root / "shards"), "--unlabeled", "--workers", "2", "--no-progress"]):
-            raise RuntimeError(f"the extra unlabeled {survey} images failed")
+            raise RuntimeError(f"the extra unlabeled {survey} images failed{STALE_HINT}")
     return root / "shards"
 
 
