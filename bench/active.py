@@ -22,7 +22,6 @@ the same labels. Runs are kept under --out; a re-run skips what is done.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.learning import bootstrap_weights, interval, weighted_mean_r  # noqa: E402
 from bench.report import write_report  # noqa: E402
-from bench.ssl_bench import CPU, fingerprint_shards, fresh_shards, labels, model_predictions, train  # noqa: E402
+from bench.probes import CPU, labels, model_predictions  # noqa: E402
+from bench.ssl_bench import fingerprint_shards, fresh_shards, train  # noqa: E402
 
 STRATEGIES = ("random", "uncertainty", "diversity", "hybrid")
 

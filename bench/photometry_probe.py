@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.report import write_report  # noqa: E402
-from bench.ssl_bench import LABELLED, eval_input, ridge_predictions, ridge_probe, score  # noqa: E402
+from bench.probes import eval_input, ridge_predictions, ridge_probe, score  # noqa: E402
+from bench.ssl_bench import LABELLED  # noqa: E402
 
 
 def photometry(images: np.ndarray) -> np.ndarray:

@@ -13,9 +13,9 @@ On mock SDSS, DECaLS, HST and UKIDSS surveys (launch.demo's, plus an unlabeled b
    galaxy (which no fine-tuning saw);
 5. the recipe without its brightness and contrast jitter ("nojitter"): its frozen probe against the recipe's, and its
    10%-label fine-tunings;
-6. optionally, longer SSL (--long-ssl-steps, e.g. 2,000) and SSL on more unlabeled images (--more-unlabeled, e.g.
-   6,000 more galaxies per survey from another mock sky, none of them labelled): each one's frozen probe and 10%-label
-   fine-tunings.
+6. optionally, longer SSL (--long-ssl-steps, e.g. 2,000), SSL on more unlabeled images (--more-unlabeled, e.g.
+   6,000 more galaxies per survey from another mock sky, none of them labelled) and any other overrides of the recipe
+   (--variant): each one's frozen probe and 10%-label fine-tunings.
 Every number is mean Pearson r over the 26 features on the test split (every galaxy for UKIDSS) with a 95% bootstrap
 interval over galaxies; comparisons are paired (the same resamples for both arms). Runs are kept under --out: a
 re-run makes the mock shards again and skips the runs done on the same shards (bench.kept). Prints the tables and
@@ -29,29 +29,24 @@ shadow Python's own.)
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.kept import kept, newest_manifest_time, record_run, shard_fingerprint  # noqa: E402
-from bench.learning import bootstrap_weights, interval, weighted_mean_r  # noqa: E402
+from bench.probes import CPU, model_predictions, print_rows, ridge_predictions, score  # noqa: E402
 from bench.report import write_report  # noqa: E402
 
 LABELLED = ("sdss", "decals", "hst")
 HELD_OUT = "ukidss"
 MIX = "sdss=0.33,decals=0.33,hst=0.34"
-CPU = str(REPO / "configs" / "train" / "cpu.yaml")
 SSL = str(REPO / "configs" / "train" / "ssl_cpu.yaml")
 
 
@@ -122,127 +117,6 @@ def make_data(args: argparse.Namespace) -> tuple[Path, Path]:
         if not link.exists():
             link.symlink_to(target.resolve(), target_is_directory=True)
     return labelled, ssl_root
-
-
-def labels(shards: Path, survey: str, split: str) -> tuple[list[str], np.ndarray]:
-    """(keys, (n, 26) fractions with NaN where absent) of a split ("all": every row) from labels.parquet."""
-    from sharding.schema import load_schema
-    table = pd.read_parquet(shards / survey / "labels.parquet")
-    if split != "all":
-        table = table[table["split"] == split]
-    return table["key"].tolist(), table[load_schema().names].to_numpy(np.float32)
-
-
-# DINOv2's linear evaluation (dinov2/eval/linear.py, create_linear_input) feeds its probe the class tokens of the
-# last n blocks (each through the final norm), concatenated, plus the mean of the last block's patch tokens, and picks
-# n in {1, 4} on validation: n = 1 is the backbone's own cls_mean pooling.
-N_LAST_BLOCKS = (1, 4)
-
-
-def eval_input(shards: Path):
-    """The evaluation input path's loader config (cpu.yaml's size, mean and std) on a shard root."""
-    from loaders.source import LoaderConfig
-    from train.config import load_train_config
-    loader = load_train_config(CPU).data.loader
-    return LoaderConfig(shard_root=str(shards), backend="torch", image_size=loader.image_size, mean=loader.mean,
-                        std=loader.std)
-
-
-@torch.no_grad()
-def features(backbone_dir: Path, shards: Path, survey: str, split: str) -> tuple[list[str], dict[str, np.ndarray]]:
-    """{"last n blocks": DINOv2 linear-probe features} of a backbone folder on a split, through the evaluation input
-    path."""
-    from transformers import Dinov2Model
-
-    from loaders.evaluation import iter_eval_batches
-    model = Dinov2Model.from_pretrained(backbone_dir, local_files_only=True).eval()
-    keys, out = [], {n: [] for n in N_LAST_BLOCKS}
-    for batch in iter_eval_batches(eval_input(shards), survey, split, batch_size=128, max_samples=None):
-        hidden = model(pixel_values=batch.images, output_hidden_states=True).hidden_states
-        blocks = [model.layernorm(h) for h in hidden[-max(N_LAST_BLOCKS):]]
-        for n in N_LAST_BLOCKS:
-            out[n].append(torch.cat([*(h[:, 0] for h in blocks[-n:]), blocks[-1][:, 1:].mean(dim=1)], 1).numpy())
-        keys += batch.keys
-    return keys, {f"last {n} block(s)": np.concatenate(parts) for n, parts in out.items()}
-
-
-def ridge(train_x: np.ndarray, train_y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature ridge regression on standardised inputs, each feature on the rows that have its label."""
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    x = (train_x - mean) / std
-    x1 = np.hstack([x, np.ones((len(x), 1))])
-    weights = np.zeros((x1.shape[1], train_y.shape[1]))
-    for j in range(train_y.shape[1]):
-        rows = np.isfinite(train_y[:, j])
-        if rows.sum() < 3:
-            continue
-        a = x1[rows].T @ x1[rows] + alpha * np.diag([1.0] * x.shape[1] + [0.0])
-        weights[:, j] = np.linalg.solve(a, x1[rows].T @ train_y[rows, j])
-    return np.vstack([weights[:-1] / std[:, None], weights[-1:] - (mean / std) @ weights[:-1]]), mean
-
-
-def ridge_probe(split_features, shards: Path, survey: str) -> tuple[list[str], np.ndarray, dict]:
-    """Test-split predictions of a ridge probe fitted on the train split, with the input (one of the options
-    `split_features(split) -> (keys, {option: features})` gives) and alpha chosen by val mean r; and the choice."""
-    fitted = {}
-    for split in ("train", "val", "test"):
-        keys, x = split_features(split)
-        label_keys, y = labels(shards, survey, split)
-        order = {k: i for i, k in enumerate(label_keys)}
-        fitted[split] = (keys, x, y[[order[k] for k in keys]])
-    best = None
-    for option in fitted["train"][1]:
-        for alpha in (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0):
-            w, _ = ridge(fitted["train"][1][option], fitted["train"][2], alpha)
-            _, x, y = fitted["val"]
-            pred = np.hstack([x[option], np.ones((len(y), 1))]) @ w
-            r = weighted_mean_r(pred, np.nan_to_num(y), np.isfinite(y), np.ones((1, len(y))))[0]
-            if best is None or r > best[0]:
-                best = (r, w, {"input": option, "alpha": alpha, "val_r": float(r)})
-    keys, x, _ = fitted["test"]
-    return keys, np.hstack([x[best[2]["input"]], np.ones((len(keys), 1))]) @ best[1], best[2]
-
-
-@functools.cache  # the recipe's teacher is probed again beside every variant
-def ridge_predictions(backbone_dir: Path, shards: Path, survey: str) -> tuple[list[str], np.ndarray, dict]:
-    """ridge_probe on a backbone folder's DINOv2 linear-probe features (the last 1 or 4 blocks)."""
-    return ridge_probe(lambda split: features(backbone_dir, shards, survey, split), shards, survey)
-
-
-@torch.no_grad()
-def model_predictions(run: Path, shards: Path, survey: str, split: str) -> tuple[list[str], np.ndarray]:
-    from loaders.evaluation import iter_eval_batches
-    from models.io import load_export
-    from train.config import load_train_config
-    cfg = dataclasses.replace(load_train_config(run / "config.yaml").data.loader, shard_root=str(shards))
-    model = load_export(run / "export").eval()
-    keys, preds = [], []
-    for part in ("train", "val", "test") if split == "all" else (split,):
-        for batch in iter_eval_batches(cfg, survey, part, batch_size=128, max_samples=None):
-            preds.append(model.fractions(model(batch.images)).numpy())
-            keys += batch.keys
-    return keys, np.concatenate(preds)
-
-
-def score(arms: dict[str, tuple[list[str], np.ndarray]], shards: Path, survey: str, split: str,
-          pairs: list[tuple[str, str]], args: argparse.Namespace) -> dict:
-    """Mean r of each arm on one survey split, and paired differences, on the same bootstrap resamples."""
-    keys, target = labels(shards, survey, split)
-    weights = bootstrap_weights(len(keys), args.bootstrap, args.seed)
-    mask = np.isfinite(target)
-    resampled, out = {}, {"survey": survey, "split": split, "n": len(keys), "arms": {}, "pairs": []}
-    for name, (arm_keys, pred) in arms.items():
-        order = {k: i for i, k in enumerate(arm_keys)}
-        missing = [k for k in keys if k not in order]
-        if missing:
-            raise RuntimeError(f"{name} has no prediction for {len(missing)} {survey} {split} galaxies")
-        values = weighted_mean_r(pred[[order[k] for k in keys]], np.nan_to_num(target), mask, weights)
-        resampled[name] = values
-        out["arms"][name] = interval(values)
-    for a, b in pairs:
-        diff = resampled[a] - resampled[b]
-        out["pairs"].append({"a": a, "b": b, **interval(diff), "p_gt0": float((diff[1:] > 0).mean())})
-    return out
 
 
 def frozen(args: argparse.Namespace, shards: Path, backbones: dict[str, Path]) -> list[dict]:
@@ -349,17 +223,6 @@ def more_images(args: argparse.Namespace) -> Path:
     return root / "shards"
 
 
-def print_rows(title: str, rows: list[dict]) -> None:
-    print(f"\n{title}")
-    for row in rows:
-        cells = "  ".join(f"{name} {v['r']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]" for name, v in row["arms"].items())
-        print(f"  {row['survey']} {row['split']} (n={row['n']}): {cells}")
-        for name, c in row.get("probe_choice", {}).items():
-            print(f"    {name}: {c['input']}, alpha {c['alpha']:g} (val r {c['val_r']:.3f})")
-        for p in row["pairs"]:
-            print(f"    {p['a']} - {p['b']}: {p['r']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}] (P(> 0) = {p['p_gt0']:.2f})")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_ssl")
@@ -373,10 +236,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--more-unlabeled", type=int, default=0,
                         help="also run the SSL recipe on this many more unlabeled galaxies of each survey, from "
                              "another mock sky: its frozen probe, 10%%-label fine-tunings (0 skips)")
+    parser.add_argument("--variant", action="append", default=[], metavar="'NAME KEY=VALUE ...'",
+                        help="also run the SSL recipe with these train overrides as arm NAME (repeatable): its frozen "
+                             "probe, 10%%-label fine-tunings, e.g. --variant 'bright "
+                             "data.loader.views.global_crops.contrast=0.0 data.loader.views.local_crops.contrast=0.0'")
     parser.add_argument("--head-steps", type=int, default=600, help="head-stage steps on a frozen backbone")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "ssl.json")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.variant = [_variant(parser, text) for text in args.variant]
+    return args
+
+
+def _variant(parser: argparse.ArgumentParser, text: str) -> tuple[str, list[str]]:
+    name, *overrides = text.split()
+    reserved = {"ssl", "no_ukidss", "nojitter", "long", "more"}
+    if not name.isidentifier() or name in reserved or not overrides or not all("=" in o for o in overrides):
+        parser.error(f"--variant {text!r}: give a new arm name (a plain identifier, not one of {sorted(reserved)}) "
+                     "and then one or more KEY=VALUE train overrides, separated by spaces")
+    return name, overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -411,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.more_unlabeled:
         result["more"] = variant(args, shards, "more", [f"data.loader.shard_root={more_images(args)}",
                                                         f"data.mix={four}", *ssl_steps])
+    for name, overrides in args.variant:
+        result[f"variant {name}"] = variant(args, shards, name, [f"data.loader.shard_root={ssl_root}",
+                                                                 f"data.mix={four}", *ssl_steps, *overrides])
     print_rows("frozen features: mean r on the test split", result["frozen"])
     print_rows("scarce labels: full fine-tuning, mean r on the test split", result["scarce"])
     print_rows("adaptation: fine-tuned on the 33/33/34 mix, every UKIDSS galaxy", [result["adaptation"]])
@@ -421,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.more_unlabeled:
         print_rows(f"SSL on {args.more_unlabeled} more unlabeled galaxies per survey: frozen and 10% of the labels",
                    result["more"])
+    for name, overrides in args.variant:
+        print_rows(f"variant {name} ({' '.join(overrides)}): frozen and 10% of the labels", result[f"variant {name}"])
     write_report(args.json, "ssl", [], **result, settings={k: str(v) for k, v in vars(args).items()})
     return 0
 
