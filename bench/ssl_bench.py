@@ -22,7 +22,7 @@ re-run makes the mock shards again and skips the runs done on the same shards (b
 writes JSON. (Not bench/ssl.py: run by path, a bench script puts bench/ on sys.path, where a module named ssl would
 shadow Python's own.)
 
-    python bench/ssl_bench.py --out runs/bench_ssl                      # 1,500 galaxies per survey; ~1.5 hours
+    python bench/ssl_bench.py --out runs/bench_ssl                      # 1,500 galaxies per survey; ~1 hour
     python bench/ssl_bench.py --out /tmp/s --num-galaxies 300 --ssl-steps 60 --ft-steps 60 --head-steps 60  # smoke
 """
 
