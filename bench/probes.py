@@ -123,18 +123,28 @@ def model_predictions(run: Path, shards: Path, survey: str, split: str) -> tuple
 def score(arms: dict[str, tuple[list[str], np.ndarray]], shards: Path, survey: str, split: str,
           pairs: list[tuple[str, str]], args: argparse.Namespace) -> dict:
     """Mean r of each arm on one survey split, and paired differences, on the same bootstrap resamples."""
+    num, resampled = resample(arms, shards, survey, split, args.bootstrap, args.seed)
+    return summarise(resampled, pairs, {"survey": survey, "split": split, "n": num})
+
+
+def resample(arms: dict[str, tuple[list[str], np.ndarray]], shards: Path, survey: str, split: str, num_resamples: int,
+             seed: int) -> tuple[int, dict[str, np.ndarray]]:
+    """(galaxies, {arm: (1 + B,) mean r}): each arm on the split itself (row 0), then on the same B resamples."""
     keys, target = labels(shards, survey, split)
-    weights = bootstrap_weights(len(keys), args.bootstrap, args.seed)
-    mask = np.isfinite(target)
-    resampled, out = {}, {"survey": survey, "split": split, "n": len(keys), "arms": {}, "pairs": []}
+    weights = bootstrap_weights(len(keys), num_resamples, seed)
+    mask, resampled = np.isfinite(target), {}
     for name, (arm_keys, pred) in arms.items():
         order = {k: i for i, k in enumerate(arm_keys)}
         missing = [k for k in keys if k not in order]
         if missing:
             raise RuntimeError(f"{name} has no prediction for {len(missing)} {survey} {split} galaxies")
-        values = weighted_mean_r(pred[[order[k] for k in keys]], np.nan_to_num(target), mask, weights)
-        resampled[name] = values
-        out["arms"][name] = interval(values)
+        resampled[name] = weighted_mean_r(pred[[order[k] for k in keys]], np.nan_to_num(target), mask, weights)
+    return len(keys), resampled
+
+
+def summarise(resampled: dict[str, np.ndarray], pairs: list[tuple[str, str]], row: dict) -> dict:
+    """`row` with each arm's interval and the paired differences' (the same resamples for both arms)."""
+    out = {**row, "arms": {name: interval(values) for name, values in resampled.items()}, "pairs": []}
     for a, b in pairs:
         diff = resampled[a] - resampled[b]
         out["pairs"].append({"a": a, "b": b, **interval(diff), "p_gt0": float((diff[1:] > 0).mean())})

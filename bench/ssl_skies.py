@@ -1,0 +1,91 @@
+"""The SSL benchmark's two targets on several mock skies, each sky's and pooled (issue 17).
+
+Every folder given is a bench/ssl_bench.py --out on one mock sky (its --seed); each needs the runs the two targets
+compare (`--targets` makes just those). Per survey it prints each sky's frozen ridge probe (SSL and random) and
+head-first fine-tuning against scratch with 10% of the labels, then the mean over skies: each sky bootstrapped over
+its own test galaxies (the seed of its runs), the skies' resamples averaged, so the pooled interval is a stratified
+bootstrap over skies that are independent draws of the mock. Reads the kept runs; trains nothing.
+
+    python bench/ssl_bench.py --out runs/bench_ssl_s2 --seed 2 --targets    # a new sky: ~25 min
+    python bench/ssl_skies.py runs/bench_ssl runs/bench_ssl_s1 runs/bench_ssl_s2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.probes import print_rows, resample, summarise  # noqa: E402
+from bench.report import write_report  # noqa: E402
+from bench.ssl_bench import LABELLED, TARGET_PAIRS, target_arms  # noqa: E402
+
+NEEDED = ("ssl/export/backbone", "random_backbone", "ft_ssl_10pct_lpft/export", "ft_scratch_10pct/export")
+FROZEN_TARGET, GAIN_TARGET = 0.30, 0.05
+
+
+def sky_seed(out: Path) -> int:
+    """The seed the benchmark ran this sky with (its runs' seed, which is also its bootstrap seed)."""
+    missing = [run for run in NEEDED if not (out / "runs" / run).is_dir()]
+    if missing:
+        raise ValueError(f"{out} has no {', '.join(missing)} under runs/: run `python bench/ssl_bench.py --out {out} "
+                         "--seed N --targets` (N: the sky) first")
+    from train.config import load_train_config
+    return load_train_config(out / "runs" / "ssl" / "config.yaml").seed
+
+
+def verdict(row: dict) -> dict:
+    """Whether a row meets the two targets: the SSL ridge probe >= 0.30, and the 10% gain >= 0.05 with its
+    interval above 0."""
+    gain = next(p for p in row["pairs"] if p["a"] == "ssl lpft 10pct")
+    return {"frozen": row["arms"]["ridge ssl"]["r"] >= FROZEN_TARGET,
+            "10pct": gain["r"] >= GAIN_TARGET and gain["lo"] > 0}
+
+
+def pool(outs: list[Path], num_resamples: int) -> list[dict]:
+    seeds = [sky_seed(out) for out in outs]
+    if len(set(seeds)) < len(seeds):
+        raise ValueError(f"skies {[str(o) for o in outs]} ran with seeds {seeds}: pool different skies (--seed)")
+    rows = []
+    for survey in LABELLED:
+        skies = []
+        for out, seed in zip(outs, seeds):
+            num, values = resample(target_arms(out, survey), out / "shards", survey, "test", num_resamples, seed)
+            skies.append(values)
+            row = summarise(values, TARGET_PAIRS, {"survey": survey, "split": f"test, sky {seed}", "n": num})
+            rows.append({**row, "sky": seed, "met": verdict(row)})
+        if len(outs) == 1:
+            continue
+        pooled = {arm: np.mean([sky[arm] for sky in skies], axis=0) for arm in skies[0]}
+        row = summarise(pooled, TARGET_PAIRS, {"survey": survey, "split": f"test, mean of skies {seeds}",
+                                                "n": sum(r["n"] for r in rows[-len(outs):])})
+        rows.append({**row, "sky": "pooled", "met": verdict(row)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("outs", nargs="+", type=Path, metavar="OUT", help="bench/ssl_bench.py --out folders")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per sky")
+    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "ssl_skies.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    rows = pool([out.resolve() for out in args.outs], args.bootstrap)
+    print_rows("the two targets per sky and pooled: mean r on the test split", rows)
+    print(f"\ntargets: ridge ssl >= {FROZEN_TARGET}; ssl lpft 10pct - scratch 10pct >= {GAIN_TARGET}, interval above 0")
+    for row in rows:
+        print(f"  {row['survey']:7s} sky {row['sky']!s:7s} frozen {'met' if row['met']['frozen'] else 'NOT met':8s}"
+              f"10% {'met' if row['met']['10pct'] else 'NOT met'}")
+    write_report(args.json, "ssl_skies", rows, settings={"outs": [str(o) for o in args.outs],
+                                                                   "bootstrap": args.bootstrap})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

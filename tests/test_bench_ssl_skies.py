@@ -1,0 +1,63 @@
+"""bench/ssl_skies.py: the SSL targets per mock sky and pooled over skies (a stratified bootstrap)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench import ssl_skies
+from sharding.schema import load_schema
+
+
+def _sky(root, seed, num=300):
+    """Labels on the test split of the three labelled surveys, and arms whose noise sets their mean r."""
+    rng = np.random.default_rng(seed)
+    names = load_schema().names
+    arms = {}
+    for survey in ("sdss", "decals", "hst"):
+        truth = rng.random((num, len(names))).astype(np.float32)
+        keys = [f"{survey}-{seed}-{i}" for i in range(num)]
+        (root / "shards" / survey).mkdir(parents=True)
+        pd.DataFrame({"key": keys, "split": "test", **dict(zip(names, truth.T))}).to_parquet(
+            root / "shards" / survey / "labels.parquet")
+        noisy = {"ridge ssl": 0.25, "ridge random": 0.9, "ssl lpft 10pct": 0.25, "scratch 10pct": 0.5}
+        arms[survey] = {arm: (keys, truth + sigma * rng.standard_normal(truth.shape).astype(np.float32))
+                        for arm, sigma in noisy.items()}
+    return arms
+
+
+def test_pooled_interval_narrows_and_targets_are_judged(tmp_path, monkeypatch):
+    skies = {tmp_path / f"s{seed}": seed for seed in (0, 1)}
+    arms = {out: _sky(out, seed) for out, seed in skies.items()}
+    monkeypatch.setattr(ssl_skies, "sky_seed", lambda out: skies[out])
+    monkeypatch.setattr(ssl_skies, "target_arms", lambda out, survey: arms[out][survey])
+    rows = ssl_skies.pool(list(skies), num_resamples=400)
+    assert [row["sky"] for row in rows] == [0, 1, "pooled"] * 3
+    for survey_rows in (rows[i:i + 3] for i in range(0, 9, 3)):
+        *each, pooled = survey_rows
+        for arm in ("ridge ssl", "scratch 10pct"):
+            assert pooled["arms"][arm]["r"] == pytest.approx(np.mean([row["arms"][arm]["r"] for row in each]))
+            # Two independent skies of one size: the mean's interval is about 1/sqrt(2) of one sky's.
+            width = [row["arms"][arm]["hi"] - row["arms"][arm]["lo"] for row in survey_rows]
+            assert 0.5 < width[2] / np.mean(width[:2]) < 0.9
+        assert all(row["met"] == {"frozen": True, "10pct": True} for row in survey_rows)
+    assert pooled["n"] == 600
+
+
+def test_a_gain_inside_the_noise_is_not_met(tmp_path, monkeypatch):
+    out = tmp_path / "s0"
+    arms = _sky(out, 0)
+    for survey in arms:  # scratch as good as SSL: no gain
+        arms[survey]["scratch 10pct"] = arms[survey]["ssl lpft 10pct"]
+    monkeypatch.setattr(ssl_skies, "sky_seed", lambda _: 0)
+    monkeypatch.setattr(ssl_skies, "target_arms", lambda _, survey: arms[survey])
+    rows = ssl_skies.pool([out], num_resamples=200)
+    assert [row["sky"] for row in rows] == [0, 0, 0]  # one sky: nothing to pool
+    assert all(row["met"] == {"frozen": True, "10pct": False} for row in rows)
+
+
+def test_a_folder_without_the_target_runs_says_how_to_make_them(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"ssl/export/backbone.*--targets"):
+        ssl_skies.sky_seed(tmp_path)
+    monkeypatch.setattr(ssl_skies, "sky_seed", lambda _: 3)
+    with pytest.raises(ValueError, match="different skies"):
+        ssl_skies.pool([tmp_path / "a", tmp_path / "b"], 10)
