@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.probes import print_rows, resample, summarise  # noqa: E402
+from bench.probes import print_rows, resample, ridge_predictions, summarise  # noqa: E402
 from bench.report import write_report  # noqa: E402
 from bench.ssl_bench import LABELLED, TARGET_PAIRS, target_arms  # noqa: E402
 
@@ -48,22 +48,35 @@ def verdict(row: dict) -> dict:
             "10pct": gain["r"] >= GAIN_TARGET and gain["lo"] > 0}
 
 
-def pool(outs: list[Path], num_resamples: int) -> list[dict]:
+def arms_of(out: Path, survey: str, extra: list[str]) -> dict:
+    """The target arms, and the ridge probe of each extra SSL run ("ssl_long" -> arm "ridge long")."""
+    arms = target_arms(out, survey)
+    for run in extra:
+        folder = out / "runs" / run / "export" / "backbone"
+        if not folder.is_dir():
+            raise ValueError(f"{out} has no {run} export: run that arm of bench/ssl_bench.py on this sky first, or "
+                             "drop it from --also")
+        arms[f"ridge {run.removeprefix('ssl_')}"] = ridge_predictions(folder, out / "shards", survey)[:2]
+    return arms
+
+
+def pool(outs: list[Path], num_resamples: int, extra: list[str] = ()) -> list[dict]:
     seeds = [sky_seed(out) for out in outs]
+    pairs = [*TARGET_PAIRS, *((f"ridge {run.removeprefix('ssl_')}", "ridge ssl") for run in extra)]
     if len(set(seeds)) < len(seeds):
         raise ValueError(f"skies {[str(o) for o in outs]} ran with seeds {seeds}: pool different skies (--seed)")
     rows = []
     for survey in LABELLED:
         skies = []
         for out, seed in zip(outs, seeds):
-            num, values = resample(target_arms(out, survey), out / "shards", survey, "test", num_resamples, seed)
+            num, values = resample(arms_of(out, survey, extra), out / "shards", survey, "test", num_resamples, seed)
             skies.append(values)
-            row = summarise(values, TARGET_PAIRS, {"survey": survey, "split": f"test, sky {seed}", "n": num})
+            row = summarise(values, pairs, {"survey": survey, "split": f"test, sky {seed}", "n": num})
             rows.append({**row, "sky": seed, "met": verdict(row)})
         if len(outs) == 1:
             continue
         pooled = {arm: np.mean([sky[arm] for sky in skies], axis=0) for arm in skies[0]}
-        row = summarise(pooled, TARGET_PAIRS, {"survey": survey, "split": f"test, mean of skies {seeds}",
+        row = summarise(pooled, pairs, {"survey": survey, "split": f"test, mean of skies {seeds}",
                                                 "n": sum(r["n"] for r in rows[-len(outs):])})
         rows.append({**row, "sky": "pooled", "met": verdict(row)})
     return rows
@@ -72,17 +85,20 @@ def pool(outs: list[Path], num_resamples: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("outs", nargs="+", type=Path, metavar="OUT", help="bench/ssl_bench.py --out folders")
+    parser.add_argument("--also", action="append", default=[], metavar="RUN",
+                        help="also pool the frozen ridge probe of this SSL run under each OUT/runs (e.g. ssl_long, "
+                             "ssl_nojitter), against the recipe's (repeatable)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per sky")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "ssl_skies.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    rows = pool([out.resolve() for out in args.outs], args.bootstrap)
+    rows = pool([out.resolve() for out in args.outs], args.bootstrap, args.also)
     print_rows("the two targets per sky and pooled: mean r on the test split", rows)
     print(f"\ntargets: ridge ssl >= {FROZEN_TARGET}; ssl lpft 10pct - scratch 10pct >= {GAIN_TARGET}, interval above 0")
     for row in rows:
         print(f"  {row['survey']:7s} sky {row['sky']!s:7s} frozen {'met' if row['met']['frozen'] else 'NOT met':8s}"
               f"10% {'met' if row['met']['10pct'] else 'NOT met'}")
-    write_report(args.json, "ssl_skies", rows, settings={"outs": [str(o) for o in args.outs],
+    write_report(args.json, "ssl_skies", rows, settings={"outs": [str(o) for o in args.outs], "also": args.also,
                                                                    "bootstrap": args.bootstrap})
     return 0
 

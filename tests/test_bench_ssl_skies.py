@@ -61,3 +61,23 @@ def test_a_folder_without_the_target_runs_says_how_to_make_them(tmp_path, monkey
     monkeypatch.setattr(ssl_skies, "sky_seed", lambda _: 3)
     with pytest.raises(ValueError, match="different skies"):
         ssl_skies.pool([tmp_path / "a", tmp_path / "b"], 10)
+
+
+def test_another_ssl_runs_frozen_probe_is_pooled_beside_the_recipes(tmp_path, monkeypatch):
+    skies = {tmp_path / f"s{seed}": seed for seed in (0, 1)}
+    arms = {out: _sky(out, seed) for out, seed in skies.items()}
+    monkeypatch.setattr(ssl_skies, "sky_seed", lambda out: skies[out])
+    monkeypatch.setattr(ssl_skies, "target_arms", lambda out, survey: dict(arms[out][survey]))
+    with pytest.raises(ValueError, match="no ssl_long export.*--also"):
+        ssl_skies.pool(list(skies), 50, ["ssl_long"])
+    for out in skies:
+        (out / "runs" / "ssl_long" / "export" / "backbone").mkdir(parents=True)
+    # A probe as good as the recipe's on one sky and worse on the other: pooled, about half the gap.
+    monkeypatch.setattr(ssl_skies, "ridge_predictions", lambda folder, shards, survey: (
+        arms[shards.parent][survey]["ridge ssl" if shards.parent.name == "s0" else "ridge random"]))
+    rows = ssl_skies.pool(list(skies), 200, ["ssl_long"])
+    pooled = next(row for row in rows if row["sky"] == "pooled")
+    gap = next(p for p in pooled["pairs"] if p["a"] == "ridge long")
+    each = [next(p for p in row["pairs"] if p["a"] == "ridge long")["r"] for row in rows[:2]]
+    assert each[0] == 0.0 and each[1] < -0.2
+    assert gap["r"] == pytest.approx(each[1] / 2) and gap["hi"] < 0
