@@ -199,21 +199,21 @@ def scarce(args: argparse.Namespace, shards: Path, ssl_backbone: Path) -> tuple[
 # scratch with 10% of the labels (>= +0.05, interval above 0). Head first was the best way to fine-tune averaged over
 # the exploratory skies (0 and 1), so it is the one looked at.
 TARGET_PAIRS = [("ridge ssl", "ridge random"), ("ssl lpft 10pct", "scratch 10pct")]
+# Each target arm and what it reads under --out/runs: a backbone folder (a ridge arm) or a fine-tuning run.
+TARGET_RUNS = {"ridge ssl": "ssl/export/backbone", "ridge random": "random_backbone",
+               "ssl lpft 10pct": "ft_ssl_10pct_lpft", "scratch 10pct": "ft_scratch_10pct"}
 
 
 def target_arms(out: Path, survey: str) -> dict[str, tuple[list[str], np.ndarray]]:
     """The target arms' test predictions from the runs kept under a benchmark's --out."""
     runs, shards = out / "runs", out / "shards"
-    arms = {f"ridge {name}": ridge_predictions(folder, shards, survey)[:2]
-            for name, folder in (("ssl", runs / "ssl" / "export" / "backbone"), ("random", runs / "random_backbone"))}
-    arms.update({name: model_predictions(runs / run, shards, survey, "test")
-                 for name, run in (("ssl lpft 10pct", "ft_ssl_10pct_lpft"), ("scratch 10pct", "ft_scratch_10pct"))})
-    return arms
+    return {arm: ridge_predictions(runs / run, shards, survey)[:2] if arm.startswith("ridge ")
+            else model_predictions(runs / run, shards, survey, "test") for arm, run in TARGET_RUNS.items()}
 
 
 def targets(args: argparse.Namespace, shards: Path, ssl_backbone: Path) -> list[dict]:
-    head_first("ft_ssl_10pct_lpft", 0.1, ssl_backbone, shards, args)
-    fine_tune("ft_scratch_10pct", 0.1, None, shards, args)
+    head_first(TARGET_RUNS["ssl lpft 10pct"], 0.1, ssl_backbone, shards, args)
+    fine_tune(TARGET_RUNS["scratch 10pct"], 0.1, None, shards, args)
     return [score(target_arms(args.out, survey), shards, survey, "test", TARGET_PAIRS, args) for survey in LABELLED]
 
 

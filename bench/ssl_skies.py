@@ -24,9 +24,10 @@ sys.path.insert(0, str(REPO))
 
 from bench.probes import print_rows, resample, ridge_predictions, summarise  # noqa: E402
 from bench.report import write_report  # noqa: E402
-from bench.ssl_bench import LABELLED, TARGET_PAIRS, target_arms  # noqa: E402
+from bench.ssl_bench import LABELLED, TARGET_PAIRS, TARGET_RUNS, target_arms  # noqa: E402
 
-NEEDED = ("ssl/export/backbone", "random_backbone", "ft_ssl_10pct_lpft/export", "ft_scratch_10pct/export")
+# A fine-tuning run counts once its export exists (a folder without one may still be training).
+NEEDED = [run if arm.startswith("ridge ") else f"{run}/export" for arm, run in TARGET_RUNS.items()]
 FROZEN_TARGET, GAIN_TARGET = 0.30, 0.05
 
 
@@ -48,36 +49,41 @@ def verdict(row: dict) -> dict:
             "10pct": gain["r"] >= GAIN_TARGET and gain["lo"] > 0}
 
 
+def extra_arm(run: str) -> str:
+    """The arm name of another SSL run's frozen probe: "ssl_long" -> "ridge long"."""
+    return f"ridge {run.removeprefix('ssl_')}"
+
+
 def arms_of(out: Path, survey: str, extra: list[str]) -> dict:
-    """The target arms, and the ridge probe of each extra SSL run ("ssl_long" -> arm "ridge long")."""
+    """The target arms, and the ridge probe of each extra SSL run."""
     arms = target_arms(out, survey)
     for run in extra:
         folder = out / "runs" / run / "export" / "backbone"
         if not folder.is_dir():
             raise ValueError(f"{out} has no {run} export: run that arm of bench/ssl_bench.py on this sky first, or "
                              "drop it from --also")
-        arms[f"ridge {run.removeprefix('ssl_')}"] = ridge_predictions(folder, out / "shards", survey)[:2]
+        arms[extra_arm(run)] = ridge_predictions(folder, out / "shards", survey)[:2]
     return arms
 
 
 def pool(outs: list[Path], num_resamples: int, extra: list[str] = ()) -> list[dict]:
     seeds = [sky_seed(out) for out in outs]
-    pairs = [*TARGET_PAIRS, *((f"ridge {run.removeprefix('ssl_')}", "ridge ssl") for run in extra)]
+    pairs = [*TARGET_PAIRS, *((extra_arm(run), "ridge ssl") for run in extra)]
     if len(set(seeds)) < len(seeds):
         raise ValueError(f"skies {[str(o) for o in outs]} ran with seeds {seeds}: pool different skies (--seed)")
     rows = []
     for survey in LABELLED:
-        skies = []
+        skies, sizes = [], []
         for out, seed in zip(outs, seeds):
             num, values = resample(arms_of(out, survey, extra), out / "shards", survey, "test", num_resamples, seed)
             skies.append(values)
+            sizes.append(num)
             row = summarise(values, pairs, {"survey": survey, "split": f"test, sky {seed}", "n": num})
             rows.append({**row, "sky": seed, "met": verdict(row)})
         if len(outs) == 1:
             continue
         pooled = {arm: np.mean([sky[arm] for sky in skies], axis=0) for arm in skies[0]}
-        row = summarise(pooled, pairs, {"survey": survey, "split": f"test, mean of skies {seeds}",
-                                                "n": sum(r["n"] for r in rows[-len(outs):])})
+        row = summarise(pooled, pairs, {"survey": survey, "split": f"test, mean of skies {seeds}", "n": sum(sizes)})
         rows.append({**row, "sky": "pooled", "met": verdict(row)})
     return rows
 
