@@ -24,12 +24,15 @@ shadow Python's own.)
 
     python bench/ssl_bench.py --out runs/bench_ssl                      # 1,500 galaxies per survey; ~1 hour
     python bench/ssl_bench.py --out runs/bench_ssl_s2 --seed 2 --targets   # the two targets on a new sky; ~25 min
+    python bench/ssl_bench.py --out runs/bench_ssl_w3 --seed 3 --targets --backbone hidden_size=96 \
+        --backbone num_attention_heads=3     # the same with a wider cpu model in every run (one --out per backbone)
     python bench/ssl_bench.py --out /tmp/s --num-galaxies 300 --ssl-steps 60 --ft-steps 60 --head-steps 60  # smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -59,10 +62,32 @@ def _env() -> dict:
     return env
 
 
+def with_backbone(overrides: list[str], backbone: list[str]) -> list[str]:
+    """`overrides` with the --backbone settings (`backbone.KEY=VALUE` model overrides) added to its
+    model_overrides, so that every run - SSL, fine-tuning from it, scratch - builds the same backbone."""
+    if not backbone:
+        return list(overrides)
+    out = [o for o in overrides if not o.startswith("model_overrides=")]
+    given = [o.removeprefix("model_overrides=[").removesuffix("]") for o in overrides if o.startswith("model_overrides=")]
+    return [*out, f"model_overrides=[{','.join([*filter(None, given), *backbone])}]"]
+
+
+def check_backbone(args: argparse.Namespace) -> None:
+    """An --out keeps the runs of one backbone: a re-run with other --backbone settings would reuse runs of the
+    other model, so it stops."""
+    record = args.out / "backbone.json"
+    if record.is_file() and json.loads(record.read_text()) != args.backbone:
+        raise ValueError(f"{args.out} holds runs of backbone settings {json.loads(record.read_text())}, not "
+                         f"{args.backbone}: use another --out for another backbone")
+    args.out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(args.backbone) + "\n")
+
+
 def train(name: str, config: str, overrides: list[str], args: argparse.Namespace) -> Path:
     """One `python -m train` under torchrun; kept when its export exists (a re-run skips it)."""
     from launch.study_state import export_finished
     from train.world import free_port
+    overrides = with_backbone(overrides, args.backbone)
     out = args.out / "runs" / name
     if kept(out, export_finished(out / "export"), args.shards_fingerprint, args.shards_built_at):
         return out
@@ -122,7 +147,8 @@ def make_data(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def random_backbone(args: argparse.Namespace) -> Path:
-    """The cpu model at its initial weights (seed args.seed), saved once under args.out."""
+    """The cpu model (with --backbone's settings) at its initial weights (seed args.seed), saved once under
+    args.out."""
     random_dir = args.out / "runs" / "random_backbone"
     if not (random_dir / "config.json").is_file():
         from transformers import Dinov2Model
@@ -130,7 +156,7 @@ def random_backbone(args: argparse.Namespace) -> Path:
         from models.backbone import dinov2_config
         from models.config import load_model_config
         torch.manual_seed(args.seed)
-        Dinov2Model(dinov2_config(load_model_config("cpu").backbone)).save_pretrained(random_dir)
+        Dinov2Model(dinov2_config(load_model_config("cpu", args.backbone).backbone)).save_pretrained(random_dir)
     return random_dir
 
 
@@ -204,11 +230,20 @@ TARGET_RUNS = {"ridge ssl": "ssl/export/backbone", "ridge random": "random_backb
                "ssl lpft 10pct": "ft_ssl_10pct_lpft", "scratch 10pct": "ft_scratch_10pct"}
 
 
-def target_arms(out: Path, survey: str) -> dict[str, tuple[list[str], np.ndarray]]:
+def target_runs(recipe: str = "ssl") -> dict[str, str]:
+    """TARGET_RUNS with another SSL arm in the recipe's place: "long" reads ssl_long and its head-first fine-tuning
+    ft_long_10pct_lpft (the runs --long-ssl-steps and --variant make), against the same random backbone and
+    scratch run."""
+    if recipe == "ssl":
+        return dict(TARGET_RUNS)
+    return {**TARGET_RUNS, "ridge ssl": f"ssl_{recipe}/export/backbone", "ssl lpft 10pct": f"ft_{recipe}_10pct_lpft"}
+
+
+def target_arms(out: Path, survey: str, runs: dict[str, str] = TARGET_RUNS) -> dict[str, tuple[list[str], np.ndarray]]:
     """The target arms' test predictions from the runs kept under a benchmark's --out."""
-    runs, shards = out / "runs", out / "shards"
-    return {arm: ridge_predictions(runs / run, shards, survey)[:2] if arm.startswith("ridge ")
-            else model_predictions(runs / run, shards, survey, "test") for arm, run in TARGET_RUNS.items()}
+    root, shards = out / "runs", out / "shards"
+    return {arm: ridge_predictions(root / run, shards, survey)[:2] if arm.startswith("ridge ")
+            else model_predictions(root / run, shards, survey, "test") for arm, run in runs.items()}
 
 
 def targets(args: argparse.Namespace, shards: Path, ssl_backbone: Path) -> list[dict]:
@@ -282,11 +317,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="only the two targets' arms, fixed in advance (the recipe's SSL, ridge probes of it and "
                              "of a random backbone, head-first and scratch fine-tuning with 10%% of the labels; "
                              "~25 min): a confirmatory run on a new sky (--seed); bench/ssl_skies.py pools skies")
+    parser.add_argument("--backbone", action="append", default=[], metavar="KEY=VALUE",
+                        help="a cpu-model backbone setting for every run of this --out (SSL, fine-tuning, scratch, "
+                             "the random backbone), e.g. --backbone hidden_size=96 --backbone num_attention_heads=3 "
+                             "(repeatable; one --out per backbone)")
     parser.add_argument("--head-steps", type=int, default=600, help="head-stage steps on a frozen backbone")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "ssl.json")
     args = parser.parse_args(argv)
     args.variant = [_variant(parser, text) for text in args.variant]
+    bad = [kv for kv in args.backbone if "=" not in kv or not kv.split("=", 1)[0].isidentifier()]
+    if bad:
+        parser.error(f"--backbone {bad[0]!r}: give KEY=VALUE with a backbone field of configs/models/cpu.yaml, "
+                     "e.g. hidden_size=96")
+    args.backbone = [f"backbone.{kv}" for kv in args.backbone]
     return args
 
 
@@ -303,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out = args.out.resolve()
     torch.set_num_threads(2)
+    check_backbone(args)
     shards, ssl_root = make_data(args)
     ssl_steps = [f"max_steps={args.ssl_steps}"] if args.ssl_steps else []
     four = ",".join(f"{s}=0.25" for s in (*LABELLED, HELD_OUT))

@@ -24,19 +24,24 @@ sys.path.insert(0, str(REPO))
 
 from bench.probes import print_rows, resample, ridge_predictions, summarise  # noqa: E402
 from bench.report import write_report  # noqa: E402
-from bench.ssl_bench import LABELLED, TARGET_PAIRS, TARGET_RUNS, target_arms  # noqa: E402
+from bench.ssl_bench import LABELLED, TARGET_PAIRS, target_arms, target_runs  # noqa: E402
 
-# A fine-tuning run counts once its export exists (a folder without one may still be training).
-NEEDED = [run if arm.startswith("ridge ") else f"{run}/export" for arm, run in TARGET_RUNS.items()]
 FROZEN_TARGET, GAIN_TARGET = 0.30, 0.05
 
 
-def sky_seed(out: Path) -> int:
+def needed(runs: dict[str, str]) -> list[str]:
+    """The folders the target arms read; a fine-tuning run counts once its export exists (a folder without one may
+    still be training)."""
+    return [run if arm.startswith("ridge ") else f"{run}/export" for arm, run in runs.items()]
+
+
+def sky_seed(out: Path, recipe: str = "ssl") -> int:
     """The seed the benchmark ran this sky with (its runs' seed, which is also its bootstrap seed)."""
-    missing = [run for run in NEEDED if not (out / "runs" / run).is_dir()]
+    missing = [run for run in needed(target_runs(recipe)) if not (out / "runs" / run).is_dir()]
     if missing:
+        how = "--targets" if recipe == "ssl" else f"the {recipe!r} arm (--long-ssl-steps or --variant)"
         raise ValueError(f"{out} has no {', '.join(missing)} under runs/: run `python bench/ssl_bench.py --out {out} "
-                         "--seed N --targets` (N: the sky) first")
+                         f"--seed N` with {how} (N: the sky) first")
     from train.config import load_train_config
     return load_train_config(out / "runs" / "ssl" / "config.yaml").seed
 
@@ -54,9 +59,9 @@ def extra_arm(run: str) -> str:
     return f"ridge {run.removeprefix('ssl_')}"
 
 
-def arms_of(out: Path, survey: str, extra: list[str]) -> dict:
-    """The target arms, and the ridge probe of each extra SSL run."""
-    arms = target_arms(out, survey)
+def arms_of(out: Path, survey: str, extra: list[str], recipe: str) -> dict:
+    """The target arms (with `recipe`'s SSL run as "ssl"), and the ridge probe of each extra SSL run."""
+    arms = target_arms(out, survey, target_runs(recipe))
     for run in extra:
         folder = out / "runs" / run / "export" / "backbone"
         if not folder.is_dir():
@@ -66,8 +71,8 @@ def arms_of(out: Path, survey: str, extra: list[str]) -> dict:
     return arms
 
 
-def pool(outs: list[Path], num_resamples: int, extra: list[str] = ()) -> list[dict]:
-    seeds = [sky_seed(out) for out in outs]
+def pool(outs: list[Path], num_resamples: int, extra: list[str] = (), recipe: str = "ssl") -> list[dict]:
+    seeds = [sky_seed(out, recipe) for out in outs]
     pairs = [*TARGET_PAIRS, *((extra_arm(run), "ridge ssl") for run in extra)]
     if len(set(seeds)) < len(seeds):
         raise ValueError(f"skies {[str(o) for o in outs]} ran with seeds {seeds}: pool different skies (--seed)")
@@ -75,7 +80,7 @@ def pool(outs: list[Path], num_resamples: int, extra: list[str] = ()) -> list[di
     for survey in LABELLED:
         skies, sizes = [], []
         for out, seed in zip(outs, seeds):
-            num, values = resample(arms_of(out, survey, extra), out / "shards", survey, "test", num_resamples, seed)
+            num, values = resample(arms_of(out, survey, extra, recipe), out / "shards", survey, "test", num_resamples, seed)
             skies.append(values)
             sizes.append(num)
             row = summarise(values, pairs, {"survey": survey, "split": f"test, sky {seed}", "n": num})
@@ -94,18 +99,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--also", action="append", default=[], metavar="RUN",
                         help="also pool the frozen ridge probe of this SSL run under each OUT/runs (e.g. ssl_long, "
                              "ssl_nojitter), against the recipe's (repeatable)")
+    parser.add_argument("--recipe", default="ssl", metavar="ARM",
+                        help="judge another SSL arm in the recipe's place: its ridge probe and head-first 10%% "
+                             "fine-tuning (e.g. long: ssl_long, ft_long_10pct_lpft) against the same random backbone "
+                             "and scratch run (default: ssl, ssl_cpu.yaml's run)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per sky")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "ssl_skies.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    rows = pool([out.resolve() for out in args.outs], args.bootstrap, args.also)
-    print_rows("the two targets per sky and pooled: mean r on the test split", rows)
+    rows = pool([out.resolve() for out in args.outs], args.bootstrap, args.also, args.recipe)
+    print_rows(f"the two targets per sky and pooled (recipe: {args.recipe}): mean r on the test split", rows)
     print(f"\ntargets: ridge ssl >= {FROZEN_TARGET}; ssl lpft 10pct - scratch 10pct >= {GAIN_TARGET}, interval above 0")
     for row in rows:
         print(f"  {row['survey']:7s} sky {row['sky']!s:7s} frozen {'met' if row['met']['frozen'] else 'NOT met':8s}"
               f"10% {'met' if row['met']['10pct'] else 'NOT met'}")
     write_report(args.json, "ssl_skies", rows, settings={"outs": [str(o) for o in args.outs], "also": args.also,
-                                                                   "bootstrap": args.bootstrap})
+                                                         "recipe": args.recipe, "bootstrap": args.bootstrap})
     return 0
 
 

@@ -28,8 +28,8 @@ def _sky(root, seed, num=300):
 def test_pooled_interval_narrows_and_targets_are_judged(tmp_path, monkeypatch):
     skies = {tmp_path / f"s{seed}": seed for seed in (0, 1)}
     arms = {out: _sky(out, seed) for out, seed in skies.items()}
-    monkeypatch.setattr(ssl_skies, "sky_seed", lambda out: skies[out])
-    monkeypatch.setattr(ssl_skies, "target_arms", lambda out, survey: arms[out][survey])
+    monkeypatch.setattr(ssl_skies, "sky_seed", lambda out, recipe: skies[out])
+    monkeypatch.setattr(ssl_skies, "target_arms", lambda out, survey, runs: arms[out][survey])
     rows = ssl_skies.pool(list(skies), num_resamples=400)
     assert [row["sky"] for row in rows] == [0, 1, "pooled"] * 3
     for survey_rows in (rows[i:i + 3] for i in range(0, 9, 3)):
@@ -48,8 +48,8 @@ def test_a_gain_inside_the_noise_is_not_met(tmp_path, monkeypatch):
     arms = _sky(out, 0)
     for survey in arms:  # scratch as good as SSL: no gain
         arms[survey]["scratch 10pct"] = arms[survey]["ssl lpft 10pct"]
-    monkeypatch.setattr(ssl_skies, "sky_seed", lambda _: 0)
-    monkeypatch.setattr(ssl_skies, "target_arms", lambda _, survey: arms[survey])
+    monkeypatch.setattr(ssl_skies, "sky_seed", lambda _, recipe: 0)
+    monkeypatch.setattr(ssl_skies, "target_arms", lambda _, survey, runs: arms[survey])
     rows = ssl_skies.pool([out], num_resamples=200)
     assert [row["sky"] for row in rows] == [0, 0, 0]  # one sky: nothing to pool
     assert all(row["met"] == {"frozen": True, "10pct": False} for row in rows)
@@ -58,7 +58,7 @@ def test_a_gain_inside_the_noise_is_not_met(tmp_path, monkeypatch):
 def test_a_folder_without_the_target_runs_says_how_to_make_them(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"ssl/export/backbone.*--targets"):
         ssl_skies.sky_seed(tmp_path)
-    monkeypatch.setattr(ssl_skies, "sky_seed", lambda _: 3)
+    monkeypatch.setattr(ssl_skies, "sky_seed", lambda _, recipe: 3)
     with pytest.raises(ValueError, match="different skies"):
         ssl_skies.pool([tmp_path / "a", tmp_path / "b"], 10)
 
@@ -66,8 +66,8 @@ def test_a_folder_without_the_target_runs_says_how_to_make_them(tmp_path, monkey
 def test_another_ssl_runs_frozen_probe_is_pooled_beside_the_recipes(tmp_path, monkeypatch):
     skies = {tmp_path / f"s{seed}": seed for seed in (0, 1)}
     arms = {out: _sky(out, seed) for out, seed in skies.items()}
-    monkeypatch.setattr(ssl_skies, "sky_seed", lambda out: skies[out])
-    monkeypatch.setattr(ssl_skies, "target_arms", lambda out, survey: dict(arms[out][survey]))
+    monkeypatch.setattr(ssl_skies, "sky_seed", lambda out, recipe: skies[out])
+    monkeypatch.setattr(ssl_skies, "target_arms", lambda out, survey, runs: dict(arms[out][survey]))
     with pytest.raises(ValueError, match="no ssl_long export.*--also"):
         ssl_skies.pool(list(skies), 50, ["ssl_long"])
     for out in skies:
@@ -81,3 +81,23 @@ def test_another_ssl_runs_frozen_probe_is_pooled_beside_the_recipes(tmp_path, mo
     each = [next(p for p in row["pairs"] if p["a"] == "ridge long")["r"] for row in rows[:2]]
     assert each[0] == 0.0 and each[1] < -0.2
     assert gap["r"] == pytest.approx(each[1] / 2) and gap["hi"] < 0
+
+
+def test_another_arm_can_be_judged_in_the_recipes_place(tmp_path, monkeypatch):
+    from bench.ssl_bench import TARGET_RUNS, target_runs
+    long = target_runs("long")
+    assert long == {**TARGET_RUNS, "ridge ssl": "ssl_long/export/backbone", "ssl lpft 10pct": "ft_long_10pct_lpft"}
+    assert target_runs() == TARGET_RUNS
+    out = tmp_path / "s0"
+    for run in ssl_skies.needed(TARGET_RUNS):
+        (out / "runs" / run).mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"ssl_long/export/backbone, ft_long_10pct_lpft/export.*'long' arm"):
+        ssl_skies.sky_seed(out, "long")
+    # The judged arms are read from the recipe's runs: the verdict follows them.
+    arms = _sky(out, 0)
+    worse = {survey: {**a, "ssl lpft 10pct": a["scratch 10pct"]} for survey, a in arms.items()}
+    monkeypatch.setattr(ssl_skies, "sky_seed", lambda _, recipe: 0)
+    monkeypatch.setattr(ssl_skies, "target_arms", lambda _, survey, runs: (
+        worse if runs["ssl lpft 10pct"] == "ft_long_10pct_lpft" else arms)[survey])
+    assert all(row["met"]["10pct"] for row in ssl_skies.pool([out], 100))
+    assert not any(row["met"]["10pct"] for row in ssl_skies.pool([out], 100, recipe="long"))
