@@ -68,7 +68,8 @@ def with_backbone(overrides: list[str], backbone: list[str]) -> list[str]:
     if not backbone:
         return list(overrides)
     out = [o for o in overrides if not o.startswith("model_overrides=")]
-    given = [o.removeprefix("model_overrides=[").removesuffix("]") for o in overrides if o.startswith("model_overrides=")]
+    given = [o.removeprefix("model_overrides=[").removesuffix("]")
+             for o in overrides if o.startswith("model_overrides=")]
     return [*out, f"model_overrides=[{','.join([*filter(None, given), *backbone])}]"]
 
 

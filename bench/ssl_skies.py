@@ -80,7 +80,8 @@ def pool(outs: list[Path], num_resamples: int, extra: list[str] = (), recipe: st
     for survey in LABELLED:
         skies, sizes = [], []
         for out, seed in zip(outs, seeds):
-            num, values = resample(arms_of(out, survey, extra, recipe), out / "shards", survey, "test", num_resamples, seed)
+            arms = arms_of(out, survey, extra, recipe)
+            num, values = resample(arms, out / "shards", survey, "test", num_resamples, seed)
             skies.append(values)
             sizes.append(num)
             row = summarise(values, pairs, {"survey": survey, "split": f"test, sky {seed}", "n": num})
