@@ -11,7 +11,7 @@ import pytest
 
 from train.config import load_train_config
 from train_cases import (REPO, TINY, _command, _env, _events, _overrides, _pretrained_tiny, _run, _run_status,
-                         _steps)
+                         _steps, free_port)
 
 
 @pytest.mark.slow
@@ -224,3 +224,22 @@ def test_zero3_validation_with_partitioned_parameters_and_uneven_ranks(shard_roo
     for survey, values in ref["surveys"].items():
         for key in ("loss", "mae", "r"):
             assert res["surveys"][survey][key] == pytest.approx(values[key], rel=1e-4, abs=1e-6), (survey, key)
+
+
+def test_main_ends_the_process_group_it_joined_and_leaves_a_callers(shard_root, tmp_path, monkeypatch):
+    """Gloo's threads left to interpreter exit can abort a rank after its work is saved (SIGABRT, "terminate called
+    without an active exception", seen in CI): main ends the group it joined, and only that one."""
+    import torch.distributed as dist
+
+    from train.__main__ import main
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    args = ["--config", TINY, "--max-steps", "1", *_overrides(shard_root, val_every=1000)]
+    assert main([*args, "--out-dir", str(tmp_path / "own")]) == 0
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        assert main([*args, "--out-dir", str(tmp_path / "callers")]) == 0
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

@@ -41,10 +41,23 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from train import loop  # heavy imports (deepspeed) only once the config is known to be valid
+    import torch.distributed
+
+    from train import engine, loop  # heavy imports (deepspeed) only once the config is known to be valid
     world = world_mod.detect()
+    joined = not torch.distributed.is_initialized()  # a caller's own process group is the caller's to end
     try:
-        run = loop.setup(cfg, world, args.resume)
+        return _run(loop, cfg, world, args.resume)
+    finally:
+        if joined and torch.distributed.is_initialized():
+            # Gloo's worker threads must stop while the interpreter is whole: left to interpreter exit, a rank can
+            # abort ("terminate called without an active exception") after its work is done and saved.
+            engine.end_distributed()
+
+
+def _run(loop, cfg, world: world_mod.World, resume: str) -> int:
+    try:
+        run = loop.setup(cfg, world, resume)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -31,6 +31,12 @@ def init_distributed(backend: str) -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
+def end_distributed() -> None:
+    """Leave every process group, with DeepSpeed's cached groups: torch's call alone would leave DeepSpeed holding
+    groups that a later run in this process cannot use ("Group ... is not registered")."""
+    deepspeed.comm.destroy_process_group()
+
+
 def _optimizer(cfg: TrainConfig, on_cuda: bool) -> dict[str, Any]:
     optim = cfg.optim
     params: dict[str, Any] = {"lr": optim.lr, "betas": list(optim.betas), "eps": 1e-8,
