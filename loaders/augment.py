@@ -63,8 +63,14 @@ class AugmentConfig:
     """Down-then-up resampling factor (1 keeps the pixel grid; 2 halves the resolution)."""
     noise_std: tuple[float, float] = (0.0, 4.0)
     """Standard deviation of additive Gaussian noise on the coarse grid, in 0..255 pixel units."""
+    degrade_pixels: str = "image"
+    """Whose pixels psf_sigma_px and resample_factor count: "image", the decoded image's (a survey's own PSF and pixel
+    scale), or "view", the output's (an image cut to a view a quarter of its size sees a quarter of the blur in
+    "image" pixels; "view" keeps the degradation as visible at any crop size)."""
 
     def __post_init__(self) -> None:
+        if self.degrade_pixels not in ("image", "view"):
+            raise ValueError(f"augment.degrade_pixels must be 'image' or 'view', got {self.degrade_pixels!r}")
         for name in ("hflip_prob", "vflip_prob", "degrade_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"augment.{name} must be a probability in [0, 1], got {getattr(self, name)!r}")
@@ -194,7 +200,9 @@ def make_plan(cfg: AugmentConfig, draw: SampleDraw, src_hw: tuple[int, int], out
               "channel_gain": draw.channel_gain}
     if (cfg.enabled and draw.degrade_u < cfg.degrade_prob
             and (not cfg.degrade_surveys or survey in cfg.degrade_surveys)):
-        return _degraded_plan(draw, matrix, (h, w), out_size, common)
+        (a, b), (c, d) = matrix[:, :2].tolist()
+        per_view = math.sqrt(abs(a * d - b * c)) if cfg.degrade_pixels == "view" else 1.0  # image px per view px
+        return _degraded_plan(draw, matrix, (h, w), out_size, common, per_view)
     prefilter_sigma = antialias_sigma(_spectral_norm(matrix[:, :2]))  # of input pixels per output pixel
     crop = read_window(matrix, out_size, (h, w), blur_margin(prefilter_sigma)) if prefilter_sigma else None
     return SamplePlan(degrade=False, degrade_sigma=MIN_SIGMA, small_hw=(h, w),
@@ -203,14 +211,15 @@ def make_plan(cfg: AugmentConfig, draw: SampleDraw, src_hw: tuple[int, int], out
 
 
 def _degraded_plan(draw: SampleDraw, matrix: np.ndarray, src_hw: tuple[int, int], out_size: int,
-                   common: dict) -> SamplePlan:
+                   common: dict, pixel: float = 1.0) -> SamplePlan:
     """Degradation: the coarser grid (of the whole image, or of the window of it the output reads), its noise, and
-    the source pixels it needs."""
+    the source pixels it needs. `pixel`: source pixels per pixel of the draws' PSF and grid (1: the image's)."""
     h, w = src_hw
-    grid_hw = (max(1, round(h / draw.resample_factor)), max(1, round(w / draw.resample_factor)))
+    factor = max(1.0, draw.resample_factor * pixel)  # never a grid finer than the image's own
+    grid_hw = (max(1, round(h / factor)), max(1, round(w / factor)))
     sx, sy = w / grid_hw[1], h / grid_hw[0]  # source pixels per coarse pixel
     # One blur does both the extra PSF and the antialiasing of the coarser grid (variances add).
-    degrade_sigma = max(math.hypot(draw.psf_sigma_px, antialias_sigma(max(sx, sy))), MIN_SIGMA)
+    degrade_sigma = max(math.hypot(draw.psf_sigma_px * pixel, antialias_sigma(max(sx, sy))), MIN_SIGMA)
     matrix = _scale_matrix(1 / sx, 1 / sy) @ np.vstack([matrix, [0, 0, 1]])  # output -> coarse grid
     prefilter_sigma = antialias_sigma(_spectral_norm(matrix[:, :2]))
     window = read_window(matrix, out_size, grid_hw, blur_margin(prefilter_sigma))

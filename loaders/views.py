@@ -56,6 +56,9 @@ class CropSet:
     """Coarser pixel grid: 1 keeps the pixels, 2 halves the resolution."""
     noise_std: tuple[float, float] = (0.0, 4.0)
     """Additive Gaussian noise on the coarse grid, 0..255 pixel units."""
+    degrade_pixels: str = "image"
+    """"image": psf_sigma_px and resample_factor in the decoded image's pixels; "view": in the view's, so a 64 px
+    crop of a 256 px image is blurred by as many of its own pixels as a full-size one."""
     brightness: float = 0.0
     """Brightness factor in [1 - brightness, 1 + brightness]; 0 (the default) keeps a galaxy's surface brightness."""
     contrast: float = 0.0
@@ -90,7 +93,8 @@ class CropSet:
             crop_scale=self.scale, center_range=self.center_range, crop_ratio=self.ratio, brightness=self.brightness,
             contrast=self.contrast, channel_gain=self.channel_gain,
             degrade_prob=self.degrade_prob[k % len(self.degrade_prob)], degrade_surveys=self.degrade_surveys,
-            psf_sigma_px=self.psf_sigma_px, resample_factor=self.resample_factor, noise_std=self.noise_std)
+            psf_sigma_px=self.psf_sigma_px, resample_factor=self.resample_factor, noise_std=self.noise_std,
+            degrade_pixels=self.degrade_pixels)
 
 
 @dataclass(frozen=True)

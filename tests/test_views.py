@@ -16,7 +16,8 @@ from loaders.views import CropSet, LocalCrops, ViewsConfig, draw_views, plan_vie
 from sharding.config import from_dict
 
 MIX = MixConfig(ratios="sdss=0.34,decals=0.33,hst=0.33", global_batch_size=12, epoch_samples=24, seed=0)
-VIEWS = ViewsConfig(enabled=True, global_crops=CropSet(count=2, size=40, degrade_prob=(1.0, 0.0)),
+VIEWS = ViewsConfig(enabled=True, global_crops=CropSet(count=2, size=40, degrade_prob=(1.0, 0.0),
+                                                         degrade_pixels="view"),
                     # resize paths in DALI, with the colour jitter folded into its normalisation
                     local_crops=LocalCrops(count=3, size=24, rotation_step_deg=90, brightness=0.2, contrast=0.2,
                                            channel_gain=0.3))
@@ -104,6 +105,35 @@ def test_blurring_and_degrading_only_the_part_a_crop_reads_changes_no_pixel(monk
         assert a.crop is not None and b.crop is None and a.degrade == b.degrade == (degrade_prob == 1.0)
         assert a.prefilter_sigma == b.prefilter_sigma > 0
         torch.testing.assert_close(apply_plan(image, a, 16), apply_plan(image, b, 16), rtol=0, atol=2e-3)
+
+
+def _added_blur_variance(cfg: AugmentConfig, crop_scale: float) -> float:
+    """Output px^2 a degradation (PSF sigma 2, no coarser grid, no noise) adds to a round Gaussian galaxy (sigma 16
+    image px) at the centre of a 256 px image, cut to a centred 64 px view from `crop_scale` of its area: measured
+    from the view's second moments, degraded against not."""
+    yy, xx = np.mgrid[0:256, 0:256] + 0.5
+    image = torch.from_numpy(np.exp(-((xx - 128) ** 2 + (yy - 128) ** 2) / (2 * 16.0 ** 2)) * 200).float()
+    image = image.expand(3, 256, 256).contiguous()
+    draw = SampleDraw(crop_scale=crop_scale, psf_sigma_px=2.0, resample_factor=1.0, noise_std=0.0, degrade_u=0.0)
+
+    def variance(degrade_prob: float) -> float:
+        view = apply_plan(image, make_plan(replace(cfg, degrade_prob=degrade_prob), draw, (256, 256), 64, "sdss"), 64)
+        light = view[0].double() / view[0].sum()
+        y, x = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+        return float((light * ((x - (light * x).sum()) ** 2 + (y - (light * y).sum()) ** 2)).sum() / 2)
+    return variance(1.0) - variance(0.0)
+
+
+def test_degradation_in_view_pixels_blurs_every_crop_size_alike_and_in_image_pixels_shrinks_with_the_view():
+    cfg = AugmentConfig(enabled=True, rotation_deg=0.0, hflip_prob=0.0, vflip_prob=0.0, crop_scale=(0.05, 1.0),
+                        psf_sigma_px=(2.0, 2.0), noise_std=(0.0, 0.0))
+    for scale, image_px_per_view_px in ((1.0, 4.0), (0.25, 2.0)):
+        # A Gaussian PSF adds its variance: 2^2 view px^2, or (2 / image px per view px)^2 counted in the image's.
+        assert _added_blur_variance(replace(cfg, degrade_pixels="view"), scale) == pytest.approx(4.0, rel=0.05)
+        assert _added_blur_variance(cfg, scale) == pytest.approx((2.0 / image_px_per_view_px) ** 2, rel=0.05,
+                                                                 abs=0.02)
+    with pytest.raises(ValueError, match="degrade_pixels"):
+        AugmentConfig(degrade_pixels="arcsec")
 
 
 def test_both_backends_give_the_same_views(shard_root):
