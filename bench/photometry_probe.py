@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.report import write_report  # noqa: E402
 from bench.probes import eval_input, ridge_predictions, ridge_probe, score  # noqa: E402
-from bench.ssl_bench import LABELLED  # noqa: E402
+from bench.ssl_targets import LABELLED  # noqa: E402
 
 
 def photometry(images: np.ndarray) -> np.ndarray:

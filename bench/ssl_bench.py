@@ -24,6 +24,7 @@ shadow Python's own.)
 
     python bench/ssl_bench.py --out runs/bench_ssl                      # 1,500 galaxies per survey; ~1 hour
     python bench/ssl_bench.py --out runs/bench_ssl_s2 --seed 2 --targets   # the two targets on a new sky; ~25 min
+    python bench/ssl_bench.py --out runs/bench_ssl_s5 --seed 5 --targets --variant 'viewpx KEY=VALUE ...'  # and an arm's
     python bench/ssl_bench.py --out runs/bench_ssl_w3 --seed 3 --targets --backbone hidden_size=96 \
         --backbone num_attention_heads=3     # the same with a wider cpu model in every run (one --out per backbone)
     python bench/ssl_bench.py --out /tmp/s --num-galaxies 300 --ssl-steps 60 --ft-steps 60 --head-steps 60  # smoke
@@ -39,7 +40,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,8 +48,8 @@ sys.path.insert(0, str(REPO))
 from bench.kept import kept, newest_manifest_time, record_run, shard_fingerprint  # noqa: E402
 from bench.probes import CPU, model_predictions, print_rows, ridge_predictions, score  # noqa: E402
 from bench.report import write_report  # noqa: E402
+from bench.ssl_targets import LABELLED, TARGET_PAIRS, TARGET_RUNS, target_arms, target_runs  # noqa: E402
 
-LABELLED = ("sdss", "decals", "hst")
 HELD_OUT = "ukidss"
 MIX = "sdss=0.33,decals=0.33,hst=0.34"
 SSL = str(REPO / "configs" / "train" / "ssl_cpu.yaml")
@@ -221,36 +221,20 @@ def scarce(args: argparse.Namespace, shards: Path, ssl_backbone: Path) -> tuple[
     return rows, runs
 
 
-# The issue's two targets, with the arms fixed before a confirmatory run (--targets): the ridge probe of the recipe's
-# teacher against a random backbone's (frozen: >= 0.30 on each survey), and head-first fine-tuning from it against
-# scratch with 10% of the labels (>= +0.05, interval above 0). Head first was the best way to fine-tune averaged over
-# the exploratory skies (0 and 1), so it is the one looked at.
-TARGET_PAIRS = [("ridge ssl", "ridge random"), ("ssl lpft 10pct", "scratch 10pct")]
-# Each target arm and what it reads under --out/runs: a backbone folder (a ridge arm) or a fine-tuning run.
-TARGET_RUNS = {"ridge ssl": "ssl/export/backbone", "ridge random": "random_backbone",
-               "ssl lpft 10pct": "ft_ssl_10pct_lpft", "scratch 10pct": "ft_scratch_10pct"}
-
-
-def target_runs(recipe: str = "ssl") -> dict[str, str]:
-    """TARGET_RUNS with another SSL arm in the recipe's place: "long" reads ssl_long and its head-first fine-tuning
-    ft_long_10pct_lpft (the runs --long-ssl-steps and --variant make), against the same random backbone and
-    scratch run."""
-    if recipe == "ssl":
-        return dict(TARGET_RUNS)
-    return {**TARGET_RUNS, "ridge ssl": f"ssl_{recipe}/export/backbone", "ssl lpft 10pct": f"ft_{recipe}_10pct_lpft"}
-
-
-def target_arms(out: Path, survey: str, runs: dict[str, str] = TARGET_RUNS) -> dict[str, tuple[list[str], np.ndarray]]:
-    """The target arms' test predictions from the runs kept under a benchmark's --out."""
-    root, shards = out / "runs", out / "shards"
-    return {arm: ridge_predictions(root / run, shards, survey)[:2] if arm.startswith("ridge ")
-            else model_predictions(root / run, shards, survey, "test") for arm, run in runs.items()}
-
-
-def targets(args: argparse.Namespace, shards: Path, ssl_backbone: Path) -> list[dict]:
+def targets(args: argparse.Namespace, shards: Path, ssl_backbone: Path, ssl_data: list[str]) -> dict:
+    """The two targets' arms for the recipe and for each --variant (its SSL and head-first 10%: the arms another
+    recipe would be judged by, e.g. bench/ssl_skies.py --recipe NAME), scored on the test split."""
     head_first(TARGET_RUNS["ssl lpft 10pct"], 0.1, ssl_backbone, shards, args)
     fine_tune(TARGET_RUNS["scratch 10pct"], 0.1, None, shards, args)
-    return [score(target_arms(args.out, survey), shards, survey, "test", TARGET_PAIRS, args) for survey in LABELLED]
+    result = {}
+    for name, overrides in [("ssl", []), *args.variant]:
+        if name != "ssl":
+            backbone = train(f"ssl_{name}", SSL, [*ssl_data, *overrides], args) / "export" / "backbone"
+            head_first(f"ft_{name}_10pct_lpft", 0.1, backbone, shards, args)
+        result["targets" if name == "ssl" else f"targets {name}"] = [
+            score(target_arms(args.out, survey, target_runs(name)), shards, survey, "test", TARGET_PAIRS, args)
+            for survey in LABELLED]
+    return result
 
 
 def adaptation(args: argparse.Namespace, shards: Path, with_ukidss: Path, without: Path) -> dict:
@@ -317,7 +301,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--targets", action="store_true",
                         help="only the two targets' arms, fixed in advance (the recipe's SSL, ridge probes of it and "
                              "of a random backbone, head-first and scratch fine-tuning with 10%% of the labels; "
-                             "~25 min): a confirmatory run on a new sky (--seed); bench/ssl_skies.py pools skies")
+                             "~25 min): a confirmatory run on a new sky (--seed); bench/ssl_skies.py pools skies. "
+                             "With --variant, also each variant's SSL and head-first 10%% (~15 min each)")
     parser.add_argument("--backbone", action="append", default=[], metavar="KEY=VALUE",
                         help="a cpu-model backbone setting for every run of this --out (SSL, fine-tuning, scratch, "
                              "the random backbone), e.g. --backbone hidden_size=96 --backbone num_attention_heads=3 "
@@ -352,11 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     shards, ssl_root = make_data(args)
     ssl_steps = [f"max_steps={args.ssl_steps}"] if args.ssl_steps else []
     four = ",".join(f"{s}=0.25" for s in (*LABELLED, HELD_OUT))
-    ssl = train("ssl", SSL, [f"data.loader.shard_root={ssl_root}", f"data.mix={four}", *ssl_steps], args)
+    ssl_data = [f"data.loader.shard_root={ssl_root}", f"data.mix={four}", *ssl_steps]
+    ssl = train("ssl", SSL, ssl_data, args)
     backbones = {"ssl": ssl / "export" / "backbone", "random": random_backbone(args)}
     if args.targets:
-        result = {"targets": targets(args, shards, backbones["ssl"])}
-        print_rows("the two targets (arms fixed in advance): mean r on the test split", result["targets"])
+        result = targets(args, shards, backbones["ssl"], ssl_data)
+        for key, rows in result.items():
+            print_rows(f"the two targets{key.removeprefix('targets')} (arms fixed in advance): mean r, test", rows)
         write_report(args.json, "ssl", [], **result, settings={k: str(v) for k, v in vars(args).items()})
         return 0
     ssl_without = train("ssl_no_ukidss", SSL, [f"data.loader.shard_root={shards}", f"data.mix={MIX}", *ssl_steps],
@@ -366,8 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     result["adaptation"] = adaptation(args, shards, runs["ssl 100pct"], ssl_without / "export" / "backbone")
     no_jitter = [f"data.loader.views.{crops}.{knob}=0.0" for crops in ("global_crops", "local_crops")
                  for knob in ("brightness", "contrast")]
-    result["nojitter"] = variant(args, shards, "nojitter", [f"data.loader.shard_root={ssl_root}", f"data.mix={four}",
-                                                            *ssl_steps, *no_jitter])
+    result["nojitter"] = variant(args, shards, "nojitter", [*ssl_data, *no_jitter])
     if args.long_ssl_steps:
         result["longer"] = variant(args, shards, "long", [f"data.loader.shard_root={ssl_root}", f"data.mix={four}",
                                                           f"max_steps={args.long_ssl_steps}"])
@@ -375,8 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         result["more"] = variant(args, shards, "more", [f"data.loader.shard_root={more_images(args)}",
                                                         f"data.mix={four}", *ssl_steps])
     for name, overrides in args.variant:
-        result[f"variant {name}"] = variant(args, shards, name, [f"data.loader.shard_root={ssl_root}",
-                                                                 f"data.mix={four}", *ssl_steps, *overrides])
+        result[f"variant {name}"] = variant(args, shards, name, [*ssl_data, *overrides])
     print_rows("frozen features: mean r on the test split", result["frozen"])
     print_rows("scarce labels: full fine-tuning, mean r on the test split", result["scarce"])
     print_rows("adaptation: fine-tuned on the 33/33/34 mix, every UKIDSS galaxy", [result["adaptation"]])

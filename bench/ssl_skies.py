@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.probes import print_rows, resample, ridge_predictions, summarise  # noqa: E402
 from bench.report import write_report  # noqa: E402
-from bench.ssl_bench import LABELLED, TARGET_PAIRS, target_arms, target_runs  # noqa: E402
+from bench.ssl_targets import LABELLED, TARGET_PAIRS, target_arms, target_runs  # noqa: E402
 
 FROZEN_TARGET, GAIN_TARGET = 0.30, 0.05
 

@@ -30,3 +30,30 @@ def test_a_bad_setting_and_a_second_backbone_in_one_out_stop_with_the_fix(tmp_pa
     ssl_bench.check_backbone(args)  # the same settings again: fine
     with pytest.raises(ValueError, match="use another --out"):
         ssl_bench.check_backbone(ssl_bench.parse_args(["--out", str(tmp_path / "o")]))
+
+
+def test_targets_with_a_variant_make_the_runs_its_judge_reads(tmp_path, monkeypatch):
+    """--targets --variant NAME ...: the variant's SSL (the recipe's data plus its overrides) and head-first 10% run
+    beside the recipe's, under the names bench/ssl_skies.py --recipe NAME reads (target_runs)."""
+    from bench import ssl_targets
+    made = {}
+
+    def fake_train(name, config, overrides, args):
+        made[name] = overrides
+        (args.out / "runs" / name / "export" / "backbone").mkdir(parents=True, exist_ok=True)
+        return args.out / "runs" / name
+    read = []
+    monkeypatch.setattr(ssl_bench, "train", fake_train)
+    monkeypatch.setattr(ssl_bench, "target_arms", lambda out, survey, runs: read.append(runs) or {})
+    monkeypatch.setattr(ssl_bench, "score", lambda arms, shards, survey, *rest: {"survey": survey})
+    args = ssl_bench.parse_args(["--out", str(tmp_path), "--targets", "--variant", "viewpx a.b=view c=1"])
+    (tmp_path / "runs" / "random_backbone").mkdir(parents=True)
+    result = ssl_bench.targets(args, tmp_path / "shards", tmp_path / "runs" / "ssl" / "export" / "backbone",
+                               ["data.mix=x"])
+    assert sorted(result) == ["targets", "targets viewpx"] and len(result["targets viewpx"]) == 3
+    assert made["ssl_viewpx"] == ["data.mix=x", "a.b=view", "c=1"]
+    assert read[-1] == ssl_targets.target_runs("viewpx") and read[0] == ssl_targets.TARGET_RUNS
+    made["ssl"] = []
+    for runs in read:
+        for run in runs.values():
+            assert run.split("/")[0] in {*made, "random_backbone"}, run

@@ -84,7 +84,7 @@ def test_another_ssl_runs_frozen_probe_is_pooled_beside_the_recipes(tmp_path, mo
 
 
 def test_another_arm_can_be_judged_in_the_recipes_place(tmp_path, monkeypatch):
-    from bench.ssl_bench import TARGET_RUNS, target_runs
+    from bench.ssl_targets import TARGET_RUNS, target_runs
     long = target_runs("long")
     assert long == {**TARGET_RUNS, "ridge ssl": "ssl_long/export/backbone", "ssl lpft 10pct": "ft_long_10pct_lpft"}
     assert target_runs() == TARGET_RUNS
