@@ -24,7 +24,8 @@ shadow Python's own.)
 
     python bench/ssl_bench.py --out runs/bench_ssl                      # 1,500 galaxies per survey; ~1 hour
     python bench/ssl_bench.py --out runs/bench_ssl_s2 --seed 2 --targets   # the two targets on a new sky; ~25 min
-    python bench/ssl_bench.py --out runs/bench_ssl_s5 --seed 5 --targets --variant 'viewpx KEY=VALUE ...'  # and an arm's
+    python bench/ssl_bench.py --out runs/bench_ssl_s3 --seed 3 --targets --variant 'viewpx KEY=VALUE ...'
+        # and another arm's SSL and head-first 10%, judged by bench/ssl_skies.py --recipe viewpx
     python bench/ssl_bench.py --out runs/bench_ssl_w3 --seed 3 --targets --backbone hidden_size=96 \
         --backbone num_attention_heads=3     # the same with a wider cpu model in every run (one --out per backbone)
     python bench/ssl_bench.py --out /tmp/s --num-galaxies 300 --ssl-steps 60 --ft-steps 60 --head-steps 60  # smoke

@@ -8,6 +8,8 @@ bootstrap over skies that are independent draws of the mock. Reads the kept runs
 
     python bench/ssl_bench.py --out runs/bench_ssl_s2 --seed 2 --targets    # a new sky: ~25 min
     python bench/ssl_skies.py runs/bench_ssl runs/bench_ssl_s1 runs/bench_ssl_s2
+    python bench/ssl_skies.py runs/bench_ssl_s3 runs/bench_ssl --recipe viewpx    # another arm judged
+    python bench/ssl_skies.py runs/bench_ssl_s3 runs/bench_ssl --also ssl_viewpx --also ft_viewpx_10pct_lpft  # paired
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.probes import print_rows, resample, ridge_predictions, summarise  # noqa: E402
+from bench.probes import print_rows, resample, summarise  # noqa: E402
 from bench.report import write_report  # noqa: E402
 from bench.ssl_targets import LABELLED, TARGET_PAIRS, target_arms, target_runs  # noqa: E402
 
@@ -35,13 +37,31 @@ def needed(runs: dict[str, str]) -> list[str]:
     return [run if arm.startswith("ridge ") else f"{run}/export" for arm, run in runs.items()]
 
 
-def sky_seed(out: Path, recipe: str = "ssl") -> int:
-    """The seed the benchmark ran this sky with (its runs' seed, which is also its bootstrap seed)."""
-    missing = [run for run in needed(target_runs(recipe)) if not (out / "runs" / run).is_dir()]
-    if missing:
+def runs_and_pairs(recipe: str = "ssl", also: list[str] = ()) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """What each arm reads under a sky's runs/ (the targets', with `recipe`'s SSL arm as "ssl", and each --also run),
+    and the pairs compared: the targets', then each --also run against its target arm - an SSL run's ridge probe
+    ("ssl_long" -> "ridge long") against the recipe's, a fine-tuning run (ft_...) against head-first 10%."""
+    runs, pairs = target_runs(recipe), list(TARGET_PAIRS)
+    for run in also:
+        arm, against = (run, "ssl lpft 10pct") if run.startswith("ft_") else (extra_arm(run), "ridge ssl")
+        runs[arm] = run if run.startswith("ft_") else f"{run}/export/backbone"
+        pairs.append((arm, against))
+    return runs, pairs
+
+
+def sky_seed(out: Path, recipe: str = "ssl", runs: dict[str, str] | None = None) -> int:
+    """The seed the benchmark ran this sky with (its runs' seed, which is also its bootstrap seed), once every run
+    the arms read is there."""
+    runs = runs or target_runs(recipe)
+    missing = [run for run in needed(runs) if not (out / "runs" / run).is_dir()]
+    targets = set(needed(target_runs(recipe)))
+    if missing and targets.intersection(missing):
         how = "--targets" if recipe == "ssl" else f"the {recipe!r} arm (--long-ssl-steps or --variant)"
         raise ValueError(f"{out} has no {', '.join(missing)} under runs/: run `python bench/ssl_bench.py --out {out} "
                          f"--seed N` with {how} (N: the sky) first")
+    if missing:
+        raise ValueError(f"{out} has no {', '.join(missing)} under runs/: run the arms of bench/ssl_bench.py that "
+                         "make them on this sky first, or drop them from --also")
     from train.config import load_train_config
     return load_train_config(out / "runs" / "ssl" / "config.yaml").seed
 
@@ -59,28 +79,16 @@ def extra_arm(run: str) -> str:
     return f"ridge {run.removeprefix('ssl_')}"
 
 
-def arms_of(out: Path, survey: str, extra: list[str], recipe: str) -> dict:
-    """The target arms (with `recipe`'s SSL run as "ssl"), and the ridge probe of each extra SSL run."""
-    arms = target_arms(out, survey, target_runs(recipe))
-    for run in extra:
-        folder = out / "runs" / run / "export" / "backbone"
-        if not folder.is_dir():
-            raise ValueError(f"{out} has no {run} export: run that arm of bench/ssl_bench.py on this sky first, or "
-                             "drop it from --also")
-        arms[extra_arm(run)] = ridge_predictions(folder, out / "shards", survey)[:2]
-    return arms
-
-
 def pool(outs: list[Path], num_resamples: int, extra: list[str] = (), recipe: str = "ssl") -> list[dict]:
-    seeds = [sky_seed(out, recipe) for out in outs]
-    pairs = [*TARGET_PAIRS, *((extra_arm(run), "ridge ssl") for run in extra)]
+    runs, pairs = runs_and_pairs(recipe, extra)
+    seeds = [sky_seed(out, recipe, runs) for out in outs]
     if len(set(seeds)) < len(seeds):
         raise ValueError(f"skies {[str(o) for o in outs]} ran with seeds {seeds}: pool different skies (--seed)")
     rows = []
     for survey in LABELLED:
         skies, sizes = [], []
         for out, seed in zip(outs, seeds):
-            arms = arms_of(out, survey, extra, recipe)
+            arms = target_arms(out, survey, runs)
             num, values = resample(arms, out / "shards", survey, "test", num_resamples, seed)
             skies.append(values)
             sizes.append(num)
@@ -98,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("outs", nargs="+", type=Path, metavar="OUT", help="bench/ssl_bench.py --out folders")
     parser.add_argument("--also", action="append", default=[], metavar="RUN",
-                        help="also pool the frozen ridge probe of this SSL run under each OUT/runs (e.g. ssl_long, "
-                             "ssl_nojitter), against the recipe's (repeatable)")
+                        help="also pool this run under each OUT/runs, paired: an SSL run's frozen ridge probe (e.g. "
+                             "ssl_long, ssl_nojitter) against the recipe's, a fine-tuning run (e.g. "
+                             "ft_long_10pct_lpft) against the recipe's head-first 10%% (repeatable)")
     parser.add_argument("--recipe", default="ssl", metavar="ARM",
                         help="judge another SSL arm in the recipe's place: its ridge probe and head-first 10%% "
                              "fine-tuning (e.g. long: ssl_long, ft_long_10pct_lpft) against the same random backbone "

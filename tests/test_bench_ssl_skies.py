@@ -28,7 +28,7 @@ def _sky(root, seed, num=300):
 def test_pooled_interval_narrows_and_targets_are_judged(tmp_path, monkeypatch):
     skies = {tmp_path / f"s{seed}": seed for seed in (0, 1)}
     arms = {out: _sky(out, seed) for out, seed in skies.items()}
-    monkeypatch.setattr(ssl_skies, "sky_seed", lambda out, recipe: skies[out])
+    monkeypatch.setattr(ssl_skies, "sky_seed", lambda out, *_: skies[out])
     monkeypatch.setattr(ssl_skies, "target_arms", lambda out, survey, runs: arms[out][survey])
     rows = ssl_skies.pool(list(skies), num_resamples=400)
     assert [row["sky"] for row in rows] == [0, 1, "pooled"] * 3
@@ -48,7 +48,7 @@ def test_a_gain_inside_the_noise_is_not_met(tmp_path, monkeypatch):
     arms = _sky(out, 0)
     for survey in arms:  # scratch as good as SSL: no gain
         arms[survey]["scratch 10pct"] = arms[survey]["ssl lpft 10pct"]
-    monkeypatch.setattr(ssl_skies, "sky_seed", lambda _, recipe: 0)
+    monkeypatch.setattr(ssl_skies, "sky_seed", lambda *_: 0)
     monkeypatch.setattr(ssl_skies, "target_arms", lambda _, survey, runs: arms[survey])
     rows = ssl_skies.pool([out], num_resamples=200)
     assert [row["sky"] for row in rows] == [0, 0, 0]  # one sky: nothing to pool
@@ -58,29 +58,39 @@ def test_a_gain_inside_the_noise_is_not_met(tmp_path, monkeypatch):
 def test_a_folder_without_the_target_runs_says_how_to_make_them(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"ssl/export/backbone.*--targets"):
         ssl_skies.sky_seed(tmp_path)
-    monkeypatch.setattr(ssl_skies, "sky_seed", lambda _, recipe: 3)
+    monkeypatch.setattr(ssl_skies, "sky_seed", lambda *_: 3)
     with pytest.raises(ValueError, match="different skies"):
         ssl_skies.pool([tmp_path / "a", tmp_path / "b"], 10)
 
 
-def test_another_ssl_runs_frozen_probe_is_pooled_beside_the_recipes(tmp_path, monkeypatch):
+def test_other_runs_are_pooled_paired_with_their_target_arm(tmp_path, monkeypatch):
+    """--also: an SSL run's ridge probe against the recipe's, a fine-tuning run against head first, on each sky's
+    same resamples; a sky without the run says so."""
+    runs, pairs = ssl_skies.runs_and_pairs("ssl", ["ssl_long", "ft_long_10pct_lpft"])
+    assert runs["ridge long"] == "ssl_long/export/backbone" and runs["ft_long_10pct_lpft"] == "ft_long_10pct_lpft"
+    assert pairs[-2:] == [("ridge long", "ridge ssl"), ("ft_long_10pct_lpft", "ssl lpft 10pct")]
+    out = tmp_path / "s0"
+    for run in ssl_skies.needed(ssl_skies.target_runs()):
+        (out / "runs" / run).mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"no ssl_long/export/backbone, ft_long_10pct_lpft/export under runs.*--also"):
+        ssl_skies.sky_seed(out, runs=runs)
     skies = {tmp_path / f"s{seed}": seed for seed in (0, 1)}
     arms = {out: _sky(out, seed) for out, seed in skies.items()}
-    monkeypatch.setattr(ssl_skies, "sky_seed", lambda out, recipe: skies[out])
-    monkeypatch.setattr(ssl_skies, "target_arms", lambda out, survey, runs: dict(arms[out][survey]))
-    with pytest.raises(ValueError, match="no ssl_long export.*--also"):
-        ssl_skies.pool(list(skies), 50, ["ssl_long"])
-    for out in skies:
-        (out / "runs" / "ssl_long" / "export" / "backbone").mkdir(parents=True)
-    # A probe as good as the recipe's on one sky and worse on the other: pooled, about half the gap.
-    monkeypatch.setattr(ssl_skies, "ridge_predictions", lambda folder, shards, survey: (
-        arms[shards.parent][survey]["ridge ssl" if shards.parent.name == "s0" else "ridge random"]))
-    rows = ssl_skies.pool(list(skies), 200, ["ssl_long"])
+
+    def fake_arms(out, survey, runs):  # the other runs: as good as the recipe's on sky 0, as random/scratch on 1
+        worse = out.name == "s1"
+        return {**arms[out][survey],
+                "ridge long": arms[out][survey]["ridge random" if worse else "ridge ssl"],
+                "ft_long_10pct_lpft": arms[out][survey]["scratch 10pct" if worse else "ssl lpft 10pct"]}
+    monkeypatch.setattr(ssl_skies, "sky_seed", lambda out, *_: skies[out])
+    monkeypatch.setattr(ssl_skies, "target_arms", fake_arms)
+    rows = ssl_skies.pool(list(skies), 200, ["ssl_long", "ft_long_10pct_lpft"])
     pooled = next(row for row in rows if row["sky"] == "pooled")
-    gap = next(p for p in pooled["pairs"] if p["a"] == "ridge long")
-    each = [next(p for p in row["pairs"] if p["a"] == "ridge long")["r"] for row in rows[:2]]
-    assert each[0] == 0.0 and each[1] < -0.2
-    assert gap["r"] == pytest.approx(each[1] / 2) and gap["hi"] < 0
+    for arm in ("ridge long", "ft_long_10pct_lpft"):
+        each = [next(p for p in row["pairs"] if p["a"] == arm)["r"] for row in rows[:2]]
+        gap = next(p for p in pooled["pairs"] if p["a"] == arm)
+        assert each[0] == 0.0 and each[1] < -0.1
+        assert gap["r"] == pytest.approx(each[1] / 2) and gap["hi"] < 0
 
 
 def test_another_arm_can_be_judged_in_the_recipes_place(tmp_path, monkeypatch):
@@ -96,7 +106,7 @@ def test_another_arm_can_be_judged_in_the_recipes_place(tmp_path, monkeypatch):
     # The judged arms are read from the recipe's runs: the verdict follows them.
     arms = _sky(out, 0)
     worse = {survey: {**a, "ssl lpft 10pct": a["scratch 10pct"]} for survey, a in arms.items()}
-    monkeypatch.setattr(ssl_skies, "sky_seed", lambda _, recipe: 0)
+    monkeypatch.setattr(ssl_skies, "sky_seed", lambda *_: 0)
     monkeypatch.setattr(ssl_skies, "target_arms", lambda _, survey, runs: (
         worse if runs["ssl lpft 10pct"] == "ft_long_10pct_lpft" else arms)[survey])
     assert all(row["met"]["10pct"] for row in ssl_skies.pool([out], 100))
