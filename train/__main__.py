@@ -46,13 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     from train import engine, loop  # heavy imports (deepspeed) only once the config is known to be valid
     world = world_mod.detect()
     joined = not torch.distributed.is_initialized()  # a caller's own process group is the caller's to end
-    try:
-        return _run(loop, cfg, world, args.resume)
-    finally:
-        if joined and torch.distributed.is_initialized():
-            # Gloo's worker threads must stop while the interpreter is whole: left to interpreter exit, a rank can
-            # abort ("terminate called without an active exception") after its work is done and saved.
-            engine.end_distributed()
+    code = _run(loop, cfg, world, args.resume)
+    if joined and torch.distributed.is_initialized():
+        # Gloo's worker threads must stop while the interpreter is whole: left to interpreter exit, a rank can abort
+        # ("terminate called without an active exception") after its work is done and saved. Not after an
+        # exception: a rank that failed mid-collective must exit, not wait on peers in a shutdown.
+        engine.end_distributed()
+    return code
 
 
 def _run(loop, cfg, world: world_mod.World, resume: str) -> int:
