@@ -46,7 +46,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.kept import kept, newest_manifest_time, record_run, shard_fingerprint  # noqa: E402
+from bench.kept import config_changes, kept, newest_manifest_time, record_run, shard_fingerprint  # noqa: E402
 from bench.probes import CPU, model_predictions, print_rows, ridge_predictions, score  # noqa: E402
 from bench.report import write_report  # noqa: E402
 from bench.ssl_targets import LABELLED, TARGET_PAIRS, TARGET_RUNS, target_arms, target_runs  # noqa: E402
@@ -89,13 +89,14 @@ def train(name: str, config: str, overrides: list[str], args: argparse.Namespace
     """One `python -m train` under torchrun; kept when its export exists (a re-run skips it)."""
     from launch.study_state import export_finished
     from train.world import free_port
-    overrides = with_backbone(overrides, args.backbone)
+    settings = [f"seed={args.seed}", f"checkpoint_every={10 ** 9}", *with_backbone(overrides, args.backbone)]
     out = args.out / "runs" / name
     if kept(out, export_finished(out / "export"), args.shards_fingerprint, args.shards_built_at):
+        check_recipe(out, config, settings)
         return out
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), "-m", "train", "--config", config, "--out-dir", str(out),
-           "--resume", "auto", f"seed={args.seed}", f"checkpoint_every={10 ** 9}", *overrides]
+           "--resume", "auto", *settings]
     started = time.perf_counter()
     result = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True)
     (out / "stdout.txt").parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +106,21 @@ def train(name: str, config: str, overrides: list[str], args: argparse.Namespace
     record_run(out, args.shards_fingerprint)
     print(f"  {name}: {time.perf_counter() - started:.0f} s", flush=True)
     return out
+
+
+def check_recipe(out: Path, config: str, settings: list[str]) -> None:
+    """A kept run is reused only when its resolved config is the one this command would train with."""
+    from sharding.config import to_dict
+    from train.config import load_train_config
+    wanted = to_dict(load_train_config(config, [*settings, f"out_dir={out}"]))
+    try:
+        changed = config_changes(to_dict(load_train_config(out / "config.yaml")), wanted)
+    except ValueError as err:
+        changed = [f"its config no longer loads ({err})"]
+    if changed:
+        raise ValueError(f"{out} was trained with another config than the benchmark's now ({'; '.join(changed[:4])}):"
+                         " its numbers are the old recipe's. Move the benchmark's runs/ folder aside (or pass another "
+                         "--out) and run again.")
 
 
 STALE_HINT = (" (where the build says its folder holds a build made with different arguments, the mock changed "

@@ -57,3 +57,22 @@ def test_targets_with_a_variant_make_the_runs_its_judge_reads(tmp_path, monkeypa
     for runs in read:
         for run in runs.values():
             assert run.split("/")[0] in {*made, "random_backbone"}, run
+
+
+def test_a_kept_run_of_another_recipe_is_refused_by_name(tmp_path):
+    """A re-run reuses a kept run only when the run's own config.yaml resolves to what it would train with now."""
+    import yaml
+
+    from sharding.config import to_dict
+    from train.config import load_train_config
+    out = tmp_path / "runs" / "ssl"
+    out.mkdir(parents=True)
+    settings = ["seed=3", "checkpoint_every=1000000000", "data.mix=sdss=0.5,hst=0.5"]
+    saved = load_train_config(ssl_bench.SSL, [*settings, f"out_dir={out}"])
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(saved), sort_keys=False))  # as train writes it
+    ssl_bench.check_recipe(out, ssl_bench.SSL, settings)
+    view = "data.loader.views.local_crops.degrade_pixels=view"
+    with pytest.raises(ValueError, match=r"data.loader.views.local_crops.degrade_pixels: 'image' -> 'view'"):
+        ssl_bench.check_recipe(out, ssl_bench.SSL, [*settings, view])
+    with pytest.raises(ValueError, match="another --out"):
+        ssl_bench.check_recipe(out, ssl_bench.SSL, ["seed=4", *settings[1:]])
