@@ -3,9 +3,8 @@
 A benchmark re-run skips the runs it finds finished, which is only right when the shards they were trained on are
 the ones it builds now: after a change to the mock sky or to the build, kept runs describe other galaxies, and
 pairing their predictions with new ones would compare unlike things. Each run records a fingerprint of its shards
-(every shard's sha256 and its labels table, per survey); a re-run reuses a run only when the fingerprint matches,
-and (config_changes) when the run's resolved config is the one the re-run would train with: a recipe changed since
-would otherwise be reported with the old recipe's numbers.
+(every shard's sha256 and its labels table, per survey); a re-run reuses a run only when the fingerprint matches
+(and ssl_bench.check_recipe, only when the run's resolved config is the one the re-run would train with).
 """
 
 from __future__ import annotations
@@ -70,14 +69,3 @@ def record_run(run_dir: Path, fingerprint: str) -> None:
 def newest_manifest_time(*roots: Path) -> float:
     return max(p.stat().st_mtime for root in roots for p in Path(root).glob("*/manifest.json"))
 
-
-def config_changes(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between a kept run's resolved config and the one a re-run would use."""
-    changed = []
-    for key in sorted(set(saved) | set(wanted)):
-        a, b = saved.get(key), wanted.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changed += config_changes(a, b, f"{prefix}{key}.")
-        elif a != b:
-            changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return changed

@@ -46,7 +46,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.kept import config_changes, kept, newest_manifest_time, record_run, shard_fingerprint  # noqa: E402
+from bench.kept import kept, newest_manifest_time, record_run, shard_fingerprint  # noqa: E402
 from bench.probes import CPU, model_predictions, print_rows, ridge_predictions, score  # noqa: E402
 from bench.report import write_report  # noqa: E402
 from bench.ssl_targets import LABELLED, TARGET_PAIRS, TARGET_RUNS, target_arms, target_runs  # noqa: E402
@@ -111,10 +111,11 @@ def train(name: str, config: str, overrides: list[str], args: argparse.Namespace
 def check_recipe(out: Path, config: str, settings: list[str]) -> None:
     """A kept run is reused only when its resolved config is the one this command would train with."""
     from sharding.config import to_dict
+    from train.checkpoint import identity_differences
     from train.config import load_train_config
     wanted = to_dict(load_train_config(config, [*settings, f"out_dir={out}"]))
     try:
-        changed = config_changes(to_dict(load_train_config(out / "config.yaml")), wanted)
+        changed = identity_differences(to_dict(load_train_config(out / "config.yaml")), wanted)
     except ValueError as err:
         changed = [f"its config no longer loads ({err})"]
     if changed:
@@ -243,14 +244,15 @@ def targets(args: argparse.Namespace, shards: Path, ssl_backbone: Path, ssl_data
     recipe would be judged by, e.g. bench/ssl_skies.py --recipe NAME), scored on the test split."""
     head_first(TARGET_RUNS["ssl lpft 10pct"], 0.1, ssl_backbone, shards, args)
     fine_tune(TARGET_RUNS["scratch 10pct"], 0.1, None, shards, args)
-    result = {}
-    for name, overrides in [("ssl", []), *args.variant]:
-        if name != "ssl":
-            backbone = train(f"ssl_{name}", SSL, [*ssl_data, *overrides], args) / "export" / "backbone"
-            head_first(f"ft_{name}_10pct_lpft", 0.1, backbone, shards, args)
-        result["targets" if name == "ssl" else f"targets {name}"] = [
-            score(target_arms(args.out, survey, target_runs(name)), shards, survey, "test", TARGET_PAIRS, args)
-            for survey in LABELLED]
+
+    def judged(recipe: str) -> list[dict]:
+        return [score(target_arms(args.out, survey, target_runs(recipe)), shards, survey, "test", TARGET_PAIRS, args)
+                for survey in LABELLED]
+    result = {"targets": judged("ssl")}
+    for name, overrides in args.variant:
+        backbone = train(f"ssl_{name}", SSL, [*ssl_data, *overrides], args) / "export" / "backbone"
+        head_first(f"ft_{name}_10pct_lpft", 0.1, backbone, shards, args)
+        result[f"targets {name}"] = judged(name)
     return result
 
 
@@ -372,8 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                  for knob in ("brightness", "contrast")]
     result["nojitter"] = variant(args, shards, "nojitter", [*ssl_data, *no_jitter])
     if args.long_ssl_steps:
-        result["longer"] = variant(args, shards, "long", [f"data.loader.shard_root={ssl_root}", f"data.mix={four}",
-                                                          f"max_steps={args.long_ssl_steps}"])
+        result["longer"] = variant(args, shards, "long", [*ssl_data, f"max_steps={args.long_ssl_steps}"])
     if args.more_unlabeled:
         result["more"] = variant(args, shards, "more", [f"data.loader.shard_root={more_images(args)}",
                                                         f"data.mix={four}", *ssl_steps])
