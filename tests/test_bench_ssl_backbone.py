@@ -19,6 +19,13 @@ def test_backbone_settings_join_every_runs_model_overrides():
     cfg = load_train_config(ssl_bench.SSL, ssl_bench.with_backbone(["model_overrides=[head.dropout=0.1]"], wide))
     model = load_model_config(cfg.model, cfg.model_overrides)
     assert (model.backbone.hidden_size, model.backbone.num_attention_heads, model.head.dropout) == (96, 3, 0.1)
+    # The MLP head stage's overrides (a list inside the list, so quoted) read the same, with or without --backbone.
+    mlp = [*ssl_bench.MLP_HEAD, 'model_overrides=["pretrained=/x/backbone", "head.hidden_sizes=[512,256]"]']
+    for backbone, width in ((wide, 96), ([], 64)):
+        cfg = load_train_config(ssl_bench.CPU, ssl_bench.with_backbone(mlp, backbone))
+        model = load_model_config(cfg.model, cfg.model_overrides)
+        assert (cfg.stage, model.pretrained, model.head.hidden_sizes, model.backbone.hidden_size) == (
+            "head", "/x/backbone", [512, 256], width)
 
 
 def test_a_bad_setting_and_a_second_backbone_in_one_out_stop_with_the_fix(tmp_path, capsys):
@@ -48,10 +55,13 @@ def test_targets_with_a_variant_make_the_runs_its_judge_reads(tmp_path, monkeypa
     monkeypatch.setattr(ssl_bench, "score", lambda arms, shards, survey, *rest: {"survey": survey})
     args = ssl_bench.parse_args(["--out", str(tmp_path), "--targets", "--variant", "viewpx a.b=view c=1"])
     (tmp_path / "runs" / "random_backbone").mkdir(parents=True)
-    result = ssl_bench.targets(args, tmp_path / "shards", tmp_path / "runs" / "ssl" / "export" / "backbone",
-                               ["data.mix=x"])
+    backbones = {"ssl": tmp_path / "runs" / "ssl" / "export" / "backbone", "random": tmp_path / "runs" / "random"}
+    result = ssl_bench.targets(args, tmp_path / "shards", backbones, ["data.mix=x"])
     assert sorted(result) == ["targets", "targets viewpx"] and len(result["targets viewpx"]) == 3
     assert made["ssl_viewpx"] == ["data.mix=x", "a.b=view", "c=1"]
+    # The MLP head stage on each frozen backbone: the recipe's, the random one and the variant's.
+    for name, backbone in [*backbones.items(), ("viewpx", tmp_path / "runs" / "ssl_viewpx" / "export" / "backbone")]:
+        assert f'model_overrides=["pretrained={backbone}", "head.hidden_sizes=[512,256]"]' in made[f"mlp_head_{name}"]
     assert read[-1] == ssl_targets.target_runs("viewpx") and read[0] == ssl_targets.TARGET_RUNS
     made["ssl"] = []
     for runs in read:

@@ -19,7 +19,8 @@ def _sky(root, seed, num=300):
         (root / "shards" / survey).mkdir(parents=True)
         pd.DataFrame({"key": keys, "split": "test", **dict(zip(names, truth.T))}).to_parquet(
             root / "shards" / survey / "labels.parquet")
-        noisy = {"ridge ssl": 0.25, "ridge random": 0.9, "ssl lpft 10pct": 0.25, "scratch 10pct": 0.5}
+        noisy = {"ridge ssl": 0.25, "ridge random": 0.9, "mlp ssl": 0.25, "mlp random": 0.9, "ssl lpft 10pct": 0.25,
+                 "scratch 10pct": 0.5}
         arms[survey] = {arm: (keys, truth + sigma * rng.standard_normal(truth.shape).astype(np.float32))
                         for arm, sigma in noisy.items()}
     return arms
@@ -39,20 +40,39 @@ def test_pooled_interval_narrows_and_targets_are_judged(tmp_path, monkeypatch):
             # Two independent skies of one size: the mean's interval is about 1/sqrt(2) of one sky's.
             width = [row["arms"][arm]["hi"] - row["arms"][arm]["lo"] for row in survey_rows]
             assert 0.5 < width[2] / np.mean(width[:2]) < 0.9
-        assert all(row["met"] == {"frozen": True, "10pct": True} for row in survey_rows)
+        assert all(row["met"] == {"frozen": True, "frozen mlp": True, "10pct": True} for row in survey_rows)
     assert pooled["n"] == 600
 
 
 def test_a_gain_inside_the_noise_is_not_met(tmp_path, monkeypatch):
     out = tmp_path / "s0"
     arms = _sky(out, 0)
-    for survey in arms:  # scratch as good as SSL: no gain
+    for survey in arms:  # scratch as good as SSL: no gain; an MLP head on random features as good as on SSL ones
         arms[survey]["scratch 10pct"] = arms[survey]["ssl lpft 10pct"]
+        arms[survey]["mlp random"] = arms[survey]["mlp ssl"]
     monkeypatch.setattr(ssl_skies, "sky_seed", lambda *_: 0)
     monkeypatch.setattr(ssl_skies, "target_arms", lambda _, survey, runs: arms[survey])
     rows = ssl_skies.pool([out], num_resamples=200)
     assert [row["sky"] for row in rows] == [0, 0, 0]  # one sky: nothing to pool
-    assert all(row["met"] == {"frozen": True, "10pct": False} for row in rows)
+    assert all(row["arms"]["mlp ssl"]["r"] > 0.5 for row in rows)  # above 0.30, yet the SSL features add nothing
+    assert all(row["met"] == {"frozen": True, "frozen mlp": False, "10pct": False} for row in rows)
+
+
+def test_frozen_features_below_the_line_are_not_met(tmp_path, monkeypatch):
+    out = tmp_path / "s0"
+    arms = _sky(out, 0)
+    rng = np.random.default_rng(1)
+    for survey, survey_arms in arms.items():  # SSL features at mean r ~0.24, random ones at ~0.1
+        table = pd.read_parquet(out / "shards" / survey / "labels.parquet")
+        truth = table[load_schema().names].to_numpy(np.float32)
+        keys = table["key"].tolist()
+        for arm, sigma in (("ridge ssl", 1.2), ("mlp ssl", 1.2), ("mlp random", 3.0)):
+            survey_arms[arm] = (keys, truth + sigma * rng.standard_normal(truth.shape).astype(np.float32))
+    monkeypatch.setattr(ssl_skies, "sky_seed", lambda *_: 0)
+    monkeypatch.setattr(ssl_skies, "target_arms", lambda _, survey, runs: arms[survey])
+    for row in ssl_skies.pool([out], num_resamples=200):
+        assert row["arms"]["mlp ssl"]["r"] < 0.30 and next(p for p in row["pairs"] if p["a"] == "mlp ssl")["lo"] > 0
+        assert row["met"] == {"frozen": False, "frozen mlp": False, "10pct": True}
 
 
 def test_a_folder_without_the_target_runs_says_how_to_make_them(tmp_path, monkeypatch):
@@ -96,12 +116,13 @@ def test_other_runs_are_pooled_paired_with_their_target_arm(tmp_path, monkeypatc
 def test_another_arm_can_be_judged_in_the_recipes_place(tmp_path, monkeypatch):
     from bench.ssl_targets import TARGET_RUNS, target_runs
     long = target_runs("long")
-    assert long == {**TARGET_RUNS, "ridge ssl": "ssl_long/export/backbone", "ssl lpft 10pct": "ft_long_10pct_lpft"}
+    assert long == {**TARGET_RUNS, "ridge ssl": "ssl_long/export/backbone", "mlp ssl": "mlp_head_long",
+                    "ssl lpft 10pct": "ft_long_10pct_lpft"}
     assert target_runs() == TARGET_RUNS
     out = tmp_path / "s0"
     for run in ssl_skies.needed(TARGET_RUNS):
         (out / "runs" / run).mkdir(parents=True)
-    with pytest.raises(ValueError, match=r"ssl_long/export/backbone, ft_long_10pct_lpft/export.*'long' arm"):
+    with pytest.raises(ValueError, match=r"ssl_long/export/backbone, mlp_head_long/export, ft_long_10pct_lpft/export.*'long' arm"):
         ssl_skies.sky_seed(out, "long")
     # The judged arms are read from the recipe's runs: the verdict follows them.
     arms = _sky(out, 0)
