@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO))
 from bench.learning import bootstrap_weights, interval, weighted_mean_r  # noqa: E402
 from bench.report import write_report  # noqa: E402
 from bench.probes import CPU, labels, model_predictions  # noqa: E402
-from bench.ssl_bench import fingerprint_shards, fresh_shards, train  # noqa: E402
+from bench.ssl_bench import train  # noqa: E402
+from bench.ssl_data import fingerprint_shards, fresh_shards  # noqa: E402
 
 STRATEGIES = ("random", "uncertainty", "diversity", "hybrid")
 

@@ -4,8 +4,8 @@ On mock SDSS, DECaLS, HST and UKIDSS surveys (launch.demo's, plus an unlabeled b
 1. two SSL pretrainings of the recipe: on sdss+decals+hst+unlabeled ukidss images ("ssl") and on sdss+decals+hst only
    ("ssl_no_ukidss");
 2. frozen features: a ridge probe (per survey, fitted on its train split; DINOv2's linear-probe input from the last
-   1 or 4 blocks and alpha chosen on val) and a head stage (configs/train/cpu.yaml, stage head) on the SSL teacher
-   against the same on a randomly initialised backbone;
+   1 or 4 blocks and alpha chosen on val), a head stage (configs/train/cpu.yaml, stage head) and an MLP head stage
+   on the SSL teacher against the same on a randomly initialised backbone;
 3. scarce labels: full fine-tuning (configs/train/cpu.yaml) from the SSL teacher (with the recipe's lr; with lr 1e-3
    + layer decay 0.75, "ld"; a head stage first, then "ld", "lpft") against from scratch, with 10% and 100% of the
    training labels (data.label_fraction);
@@ -16,11 +16,10 @@ On mock SDSS, DECaLS, HST and UKIDSS surveys (launch.demo's, plus an unlabeled b
 6. optionally, longer SSL (--long-ssl-steps, e.g. 2,000), SSL on more unlabeled images (--more-unlabeled, e.g.
    6,000 more galaxies per survey from another mock sky, none of them labelled) and any other overrides of the recipe
    (--variant): each one's frozen probe and 10%-label fine-tunings.
-Every number is mean Pearson r over the 26 features on the test split (every galaxy for UKIDSS) with a 95% bootstrap
-interval over galaxies; comparisons are paired (the same resamples for both arms). Runs are kept under --out: a
-re-run makes the mock shards again and skips the runs done on the same shards (bench.kept). Prints the tables and
-writes JSON. (Not bench/ssl.py: run by path, a bench script puts bench/ on sys.path, where a module named ssl would
-shadow Python's own.)
+Mean Pearson r over the 26 features on the test split (every galaxy for UKIDSS), 95% bootstrap intervals over
+galaxies, paired comparisons (the same resamples for both arms). Runs are kept under --out: a re-run makes the mock
+shards again and skips the runs done on the same shards (bench.kept). Prints tables, writes JSON. (Not bench/ssl.py:
+a bench script puts bench/ on sys.path, where a module named ssl would shadow Python's own.)
 
     python bench/ssl_bench.py --out runs/bench_ssl                      # 1,500 galaxies per survey; ~1 hour
     python bench/ssl_bench.py --out runs/bench_ssl_s2 --seed 2 --targets   # the two targets on a new sky; ~25 min
@@ -46,12 +45,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.kept import kept, newest_manifest_time, record_run, shard_fingerprint  # noqa: E402
+from bench.kept import kept, record_run  # noqa: E402
 from bench.probes import CPU, model_predictions, print_rows, ridge_predictions, score  # noqa: E402
 from bench.report import write_report  # noqa: E402
+from bench.ssl_data import HELD_OUT, make_data, more_images, random_backbone  # noqa: E402
 from bench.ssl_targets import LABELLED, TARGET_PAIRS, TARGET_RUNS, target_arms, target_runs  # noqa: E402
 
-HELD_OUT = "ukidss"
 MIX = "sdss=0.33,decals=0.33,hst=0.34"
 SSL = str(REPO / "configs" / "train" / "ssl_cpu.yaml")
 
@@ -122,61 +121,6 @@ def check_recipe(out: Path, config: str, settings: list[str]) -> None:
         raise ValueError(f"{out} was trained with another config than the benchmark's now ({'; '.join(changed[:4])}):"
                          " its numbers are the old recipe's. Move the benchmark's runs/ folder aside (or pass another "
                          "--out) and run again.")
-
-
-STALE_HINT = (" (where the build says its folder holds a build made with different arguments, the mock changed "
-              "since that build: runs on the old shards do not compare with new ones; use another --out)")
-
-
-def fresh_shards(args: argparse.Namespace) -> Path:
-    """launch.demo's mock surveys under args.out/shards, made again every time (about a minute): the build finds
-    nothing to do when they are what this code makes, and stops when they are not."""
-    from launch.demo import make_shards
-    try:
-        return make_shards(args.out, args.num_galaxies,
-                           argparse.Namespace(seed=args.seed, workers=2, corrupt_fraction=0.0))
-    except RuntimeError as err:
-        raise RuntimeError(f"{err}{STALE_HINT}") from None
-
-
-def fingerprint_shards(args: argparse.Namespace, *roots: Path) -> None:
-    """What train() checks kept runs against (bench.kept)."""
-    args.shards_fingerprint = shard_fingerprint(*roots)
-    args.shards_built_at = newest_manifest_time(*roots)
-
-
-def make_data(args: argparse.Namespace) -> tuple[Path, Path]:
-    """(labelled shard root, SSL shard root): the demo's mock surveys, and UKIDSS once more, unlabeled."""
-    from sharding import build
-    from sharding.registry import load_survey
-    labelled = fresh_shards(args)
-    unlabeled = args.out / "shards_unlabeled"
-    raw = args.out / "raw" / HELD_OUT
-    if build.main(["--survey", HELD_OUT, "--catalog", str(raw / Path(load_survey(HELD_OUT).catalog).name),
-                   "--images", str(raw / "images"), "--out", str(unlabeled), "--unlabeled", "--no-progress"]):
-        raise RuntimeError(f"the unlabeled UKIDSS build failed{STALE_HINT}")
-    fingerprint_shards(args, labelled, unlabeled)
-    ssl_root = args.out / "shards_ssl"
-    ssl_root.mkdir(exist_ok=True)
-    for survey, target in [*((s, labelled / s) for s in LABELLED), (HELD_OUT, unlabeled / HELD_OUT)]:
-        link = ssl_root / survey
-        if not link.exists():
-            link.symlink_to(target.resolve(), target_is_directory=True)
-    return labelled, ssl_root
-
-
-def random_backbone(args: argparse.Namespace) -> Path:
-    """The cpu model (with --backbone's settings) at its initial weights (seed args.seed), saved once under
-    args.out."""
-    random_dir = args.out / "runs" / "random_backbone"
-    if not (random_dir / "config.json").is_file():
-        from transformers import Dinov2Model
-
-        from models.backbone import dinov2_config
-        from models.config import load_model_config
-        torch.manual_seed(args.seed)
-        Dinov2Model(dinov2_config(load_model_config("cpu", args.backbone).backbone)).save_pretrained(random_dir)
-    return random_dir
 
 
 # The MLP head stage: the head configs/models/base.yaml gives the ViT-B model (two hidden layers), on the frozen
@@ -301,23 +245,6 @@ def variant(args: argparse.Namespace, shards: Path, name: str, overrides: list[s
         row = score(arms, shards, survey, "test", pairs, args)
         rows.append({**row, "probe_choice": {arm: choice for arm, (_, _, choice) in probes.items()}})
     return rows
-
-
-def more_images(args: argparse.Namespace) -> Path:
-    """--more-unlabeled N: N more galaxies of each of the four surveys from another mock sky (seed + 1: no galaxy of
-    the labelled shards), built --unlabeled: the unlabeled cutouts a survey has beyond its Galaxy Zoo votes."""
-    from sharding import build
-    from sharding.mock import cli as mock
-    from sharding.registry import load_survey
-    root = args.out / "more"
-    for survey in (*LABELLED, HELD_OUT):
-        raw = root / "raw" / survey  # made again every time, as fresh_shards' (the build then finds nothing to do)
-        if mock.main(["--survey", survey, "--num-galaxies", str(args.more_unlabeled), "--out", str(raw), "--seed",
-                      str(args.seed + 1), "--workers", "2", "--overwrite", "--no-progress"]) or build.main([
-                "--survey", survey, "--catalog", str(raw / Path(load_survey(survey).catalog).name), "--images",
-                str(raw / "images"), "--out", str(root / "shards"), "--unlabeled", "--workers", "2", "--no-progress"]):
-            raise RuntimeError(f"the extra unlabeled {survey} images failed{STALE_HINT}")
-    return root / "shards"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
