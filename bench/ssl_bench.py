@@ -22,12 +22,13 @@ shards again and skips the runs done on the same shards (bench.kept). Prints tab
 a bench script puts bench/ on sys.path, where a module named ssl would shadow Python's own.)
 
     python bench/ssl_bench.py --out runs/bench_ssl                      # 1,500 galaxies per survey; ~1 hour
-    python bench/ssl_bench.py --out runs/bench_ssl_s2 --seed 2 --targets   # the two targets on a new sky; ~25 min
+    python bench/ssl_bench.py --out runs/bench_ssl_s2 --seed 2 --targets   # the two targets on a new sky; ~20 min
     python bench/ssl_bench.py --out runs/bench_ssl_s3 --seed 3 --targets --variant 'viewpx KEY=VALUE ...'
         # and another arm's SSL and head-first 10%, judged by bench/ssl_skies.py --recipe viewpx
     python bench/ssl_bench.py --out runs/bench_ssl_w3 --seed 3 --targets --backbone hidden_size=96 \
         --backbone num_attention_heads=3     # the same with a wider cpu model in every run (one --out per backbone)
-    python bench/ssl_bench.py --out /tmp/s --num-galaxies 300 --ssl-steps 60 --ft-steps 60 --head-steps 60  # smoke
+    python bench/ssl_bench.py --out /tmp/s --num-galaxies 300 --ssl-steps 60 --ft-steps 60 --head-steps 60 \
+        --mlp-head-steps 60  # smoke
 """
 
 from __future__ import annotations
@@ -265,10 +266,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "probe, 10%%-label fine-tunings, e.g. --variant 'bright "
                              "data.loader.views.global_crops.contrast=0.0 data.loader.views.local_crops.contrast=0.0'")
     parser.add_argument("--targets", action="store_true",
-                        help="only the two targets' arms, fixed in advance (the recipe's SSL, ridge probes of it and "
-                             "of a random backbone, head-first and scratch fine-tuning with 10%% of the labels; "
-                             "~25 min): a confirmatory run on a new sky (--seed); bench/ssl_skies.py pools skies. "
-                             "With --variant, also each variant's SSL and head-first 10%% (~15 min each)")
+                        help="only the two targets' arms, fixed in advance (the recipe's SSL, ridge probes and MLP "
+                             "head stages of it and of a random backbone, head-first and scratch fine-tuning with 10%% "
+                             "of the labels; ~20 min): a confirmatory run on a new sky (--seed); bench/ssl_skies.py "
+                             "pools skies. With --variant, also each variant's SSL, MLP head stage and head-first 10%% "
+                             "(~17 min each)")
     parser.add_argument("--backbone", action="append", default=[], metavar="KEY=VALUE",
                         help="a cpu-model backbone setting for every run of this --out (SSL, fine-tuning, scratch, "
                              "the random backbone), e.g. --backbone hidden_size=96 --backbone num_attention_heads=3 "

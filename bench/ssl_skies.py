@@ -6,7 +6,7 @@ and random) and head-first fine-tuning against scratch with 10% of the labels, t
 its own test galaxies (the seed of its runs), the skies' resamples averaged, so the pooled interval is a stratified
 bootstrap over skies that are independent draws of the mock. Reads the kept runs; trains nothing.
 
-    python bench/ssl_bench.py --out runs/bench_ssl_s2 --seed 2 --targets    # a new sky: ~25 min
+    python bench/ssl_bench.py --out runs/bench_ssl_s2 --seed 2 --targets    # a new sky: ~20 min
     python bench/ssl_skies.py runs/bench_ssl runs/bench_ssl_s1 runs/bench_ssl_s2
     python bench/ssl_skies.py runs/bench_ssl_s3 runs/bench_ssl --recipe viewpx    # another arm judged
     python bench/ssl_skies.py runs/bench_ssl_s3 runs/bench_ssl --also ssl_viewpx --also ft_viewpx_10pct_lpft  # paired
