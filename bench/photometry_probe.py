@@ -7,6 +7,9 @@ the inner-minus-outer g-r colour gradient; the growth curve (light within 4, 8, 
 the total); second-moment ellipticity; the peak. A frozen backbone whose features a ridge probe reads worse than
 these has not learned even what a photometric catalog knows about the galaxies.
 
+With --mlp, each is also read by the same MLP (bench.probes.mlp_probe: the base model's head widths, epoch chosen on
+val), so that a nonlinear read of a backbone's features is compared with a nonlinear read of the photometry.
+
     python bench/photometry_probe.py --shards runs/bench_ssl/shards \\
         --backbone ssl=runs/bench_ssl/runs/ssl/export/backbone --backbone random=runs/bench_ssl/runs/random_backbone
 """
@@ -23,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.report import write_report  # noqa: E402
-from bench.probes import eval_input, ridge_predictions, ridge_probe, score  # noqa: E402
+from bench.probes import eval_input, features, mlp_probe, ridge_predictions, ridge_probe, score  # noqa: E402
 from bench.ssl_targets import LABELLED  # noqa: E402
 
 
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", action="append", default=[], metavar="NAME=DIR",
                         help="also a frozen backbone folder's ridge probe (ssl_bench's), paired with photometry; "
                              "repeatable, e.g. ssl=runs/bench_ssl/runs/ssl/export/backbone")
+    parser.add_argument("--mlp", action="store_true",
+                        help="also an MLP probe of the photometry and of each backbone, paired the same way")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "photometry_probe.json")
@@ -84,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         arms.update({f"ridge {name}": ridge_predictions(Path(folder), args.shards, survey)[:2]
                      for name, folder in backbones.items()})
         pairs = [(f"ridge {name}", "ridge photometry") for name in backbones]
+        if args.mlp:
+            arms["mlp photometry"] = mlp_probe(lambda split: split_photometry(args.shards, survey, split),
+                                               args.shards, survey, args.seed)[:2]
+            for name, folder in backbones.items():
+                arms[f"mlp {name}"] = mlp_probe(lambda split: features(Path(folder), args.shards, survey, split),
+                                                args.shards, survey, args.seed)[:2]
+                pairs.append((f"mlp {name}", "mlp photometry"))
         row = score(arms, args.shards, survey, "test", pairs, args)
         rows.append({**row, "alpha": choice["alpha"]})
         cells = "  ".join(f"{name} {v['r']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]" for name, v in row["arms"].items())

@@ -80,13 +80,7 @@ def ridge(train_x: np.ndarray, train_y: np.ndarray, alpha: float) -> tuple[np.nd
 def ridge_probe(split_features, shards: Path, survey: str) -> tuple[list[str], np.ndarray, dict]:
     """Test-split predictions of a ridge probe fitted on the train split, with the input (one of the options
     `split_features(split) -> (keys, {option: features})` gives) and alpha chosen by val mean r; and the choice."""
-    fitted = {}
-    for split in ("train", "val", "test"):
-        keys, x = split_features(split)
-        label_keys, y = labels(shards, survey, split)
-        order = {k: i for i, k in enumerate(label_keys)}
-        fitted[split] = (keys, x, y[[order[k] for k in keys]])
-    best = None
+    fitted, best = _fitted(split_features, shards, survey), None
     for option in fitted["train"][1]:
         for alpha in (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0):
             w, _ = ridge(fitted["train"][1][option], fitted["train"][2], alpha)
@@ -97,6 +91,53 @@ def ridge_probe(split_features, shards: Path, survey: str) -> tuple[list[str], n
                 best = (r, w, {"input": option, "alpha": alpha, "val_r": float(r)})
     keys, x, _ = fitted["test"]
     return keys, np.hstack([x[best[2]["input"]], np.ones((len(keys), 1))]) @ best[1], best[2]
+
+
+def _fitted(split_features, shards: Path, survey: str) -> dict:
+    """{split: (keys, {option: features}, (n, 26) labels in the features' order)} for train, val and test."""
+    fitted = {}
+    for split in ("train", "val", "test"):
+        keys, x = split_features(split)
+        label_keys, y = labels(shards, survey, split)
+        order = {k: i for i, k in enumerate(label_keys)}
+        fitted[split] = (keys, x, y[[order[k] for k in keys]])
+    return fitted
+
+
+def mlp_probe(split_features, shards: Path, survey: str, seed: int = 0, max_epochs: int = 300,
+              hidden: tuple[int, ...] = (512, 256)) -> tuple[list[str], np.ndarray, dict]:
+    """ridge_probe's nonlinear twin: an MLP (the base model's head widths, GELU, AdamW lr 1e-3, weight decay 0.05,
+    batch 64, masked MSE on the labelled fractions) on standardised inputs, with the input option and the epoch
+    (checked every 5) chosen by val mean r; test-split predictions at that choice."""
+    fitted, best = _fitted(split_features, shards, survey), None
+    for option in fitted["train"][1]:
+        torch.manual_seed(seed)
+        train_x = fitted["train"][1][option]
+        mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+        x = {s: torch.tensor((f[1][option] - mean) / std, dtype=torch.float32) for s, f in fitted.items()}
+        y = {s: torch.tensor(np.nan_to_num(f[2]), dtype=torch.float32) for s, f in fitted.items()}
+        mask = {s: torch.tensor(np.isfinite(f[2]), dtype=torch.float32) for s, f in fitted.items()}
+        widths = [x["train"].shape[1], *hidden]
+        net = torch.nn.Sequential(*(m for a, b in zip(widths, widths[1:]) for m in (torch.nn.Linear(a, b),
+                                                                                     torch.nn.GELU())),
+                                  torch.nn.Linear(widths[-1], y["train"].shape[1]))
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
+        for epoch in range(1, max_epochs + 1):
+            for rows in torch.randperm(len(x["train"])).split(64):
+                m = mask["train"][rows]
+                loss = (((net(x["train"][rows]) - y["train"][rows]) ** 2) * m).sum() / m.sum().clamp(min=1)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            if epoch % 5:
+                continue
+            with torch.no_grad():
+                val = net(x["val"]).numpy()
+                r = weighted_mean_r(val, np.nan_to_num(fitted["val"][2]), np.isfinite(fitted["val"][2]),
+                                    np.ones((1, len(val))))[0]
+                if best is None or r > best[0]:
+                    best = (r, net(x["test"]).numpy(), {"input": option, "epoch": epoch, "val_r": float(r)})
+    return fitted["test"][0], best[1], best[2]
 
 
 @functools.cache  # the recipe's teacher is probed again beside every variant
