@@ -17,6 +17,7 @@ val), so that a nonlinear read of a backbone's features is compared with a nonli
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -83,15 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     backbones = dict(item.split("=", 1) for item in args.backbone)
     rows = []
     for survey in LABELLED:
-        keys, pred, choice = ridge_probe(lambda split: split_photometry(args.shards, survey, split), args.shards,
-                                         survey)
+        photometry = functools.cache(lambda split, survey=survey: split_photometry(args.shards, survey, split))
+        keys, pred, choice = ridge_probe(photometry, args.shards, survey)
         arms = {"ridge photometry": (keys, pred)}
         arms.update({f"ridge {name}": ridge_predictions(Path(folder), args.shards, survey)[:2]
                      for name, folder in backbones.items()})
         pairs = [(f"ridge {name}", "ridge photometry") for name in backbones]
         if args.mlp:
-            arms["mlp photometry"] = mlp_probe(lambda split: split_photometry(args.shards, survey, split),
-                                               args.shards, survey, args.seed)[:2]
+            arms["mlp photometry"] = mlp_probe(photometry, args.shards, survey, args.seed)[:2]
             for name, folder in backbones.items():
                 arms[f"mlp {name}"] = mlp_probe(lambda split: features(Path(folder), args.shards, survey, split),
                                                 args.shards, survey, args.seed)[:2]

@@ -44,6 +44,7 @@ def eval_input(shards: Path):
                         std=loader.std)
 
 
+@functools.cache  # the ridge and the MLP probe read the same features
 @torch.no_grad()
 def features(backbone_dir: Path, shards: Path, survey: str, split: str) -> tuple[list[str], dict[str, np.ndarray]]:
     """{"last n blocks": DINOv2 linear-probe features} of a backbone folder on a split, through the evaluation input
@@ -77,22 +78,6 @@ def ridge(train_x: np.ndarray, train_y: np.ndarray, alpha: float) -> tuple[np.nd
     return np.vstack([weights[:-1] / std[:, None], weights[-1:] - (mean / std) @ weights[:-1]]), mean
 
 
-def ridge_probe(split_features, shards: Path, survey: str) -> tuple[list[str], np.ndarray, dict]:
-    """Test-split predictions of a ridge probe fitted on the train split, with the input (one of the options
-    `split_features(split) -> (keys, {option: features})` gives) and alpha chosen by val mean r; and the choice."""
-    fitted, best = _fitted(split_features, shards, survey), None
-    for option in fitted["train"][1]:
-        for alpha in (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0):
-            w, _ = ridge(fitted["train"][1][option], fitted["train"][2], alpha)
-            _, x, y = fitted["val"]
-            pred = np.hstack([x[option], np.ones((len(y), 1))]) @ w
-            r = weighted_mean_r(pred, np.nan_to_num(y), np.isfinite(y), np.ones((1, len(y))))[0]
-            if best is None or r > best[0]:
-                best = (r, w, {"input": option, "alpha": alpha, "val_r": float(r)})
-    keys, x, _ = fitted["test"]
-    return keys, np.hstack([x[best[2]["input"]], np.ones((len(keys), 1))]) @ best[1], best[2]
-
-
 def _fitted(split_features, shards: Path, survey: str) -> dict:
     """{split: (keys, {option: features}, (n, 26) labels in the features' order)} for train, val and test."""
     fitted = {}
@@ -102,6 +87,27 @@ def _fitted(split_features, shards: Path, survey: str) -> dict:
         order = {k: i for i, k in enumerate(label_keys)}
         fitted[split] = (keys, x, y[[order[k] for k in keys]])
     return fitted
+
+
+def _mean_r(pred: np.ndarray, target: np.ndarray) -> float:
+    """Mean r over the features of predictions against labels with NaN where absent (how val picks a probe)."""
+    return float(weighted_mean_r(pred, np.nan_to_num(target), np.isfinite(target), np.ones((1, len(target))))[0])
+
+
+def ridge_probe(split_features, shards: Path, survey: str) -> tuple[list[str], np.ndarray, dict]:
+    """Test-split predictions of a ridge probe fitted on the train split, with the input (one of the options
+    `split_features(split) -> (keys, {option: features})` gives) and alpha chosen by val mean r; and the choice."""
+    fitted, best = _fitted(split_features, shards, survey), None
+    for option in fitted["train"][1]:
+        for alpha in (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0):
+            w, _ = ridge(fitted["train"][1][option], fitted["train"][2], alpha)
+            _, x, y = fitted["val"]
+            pred = np.hstack([x[option], np.ones((len(y), 1))]) @ w
+            r = _mean_r(pred, y)
+            if best is None or r > best[0]:
+                best = (r, w, {"input": option, "alpha": alpha, "val_r": r})
+    keys, x, _ = fitted["test"]
+    return keys, np.hstack([x[best[2]["input"]], np.ones((len(keys), 1))]) @ best[1], best[2]
 
 
 def mlp_probe(split_features, shards: Path, survey: str, seed: int = 0, max_epochs: int = 300,
@@ -117,10 +123,11 @@ def mlp_probe(split_features, shards: Path, survey: str, seed: int = 0, max_epoc
         x = {s: torch.tensor((f[1][option] - mean) / std, dtype=torch.float32) for s, f in fitted.items()}
         y = {s: torch.tensor(np.nan_to_num(f[2]), dtype=torch.float32) for s, f in fitted.items()}
         mask = {s: torch.tensor(np.isfinite(f[2]), dtype=torch.float32) for s, f in fitted.items()}
-        widths = [x["train"].shape[1], *hidden]
-        net = torch.nn.Sequential(*(m for a, b in zip(widths, widths[1:]) for m in (torch.nn.Linear(a, b),
-                                                                                     torch.nn.GELU())),
-                                  torch.nn.Linear(widths[-1], y["train"].shape[1]))
+        layers, width = [], x["train"].shape[1]
+        for size in hidden:
+            layers += [torch.nn.Linear(width, size), torch.nn.GELU()]
+            width = size
+        net = torch.nn.Sequential(*layers, torch.nn.Linear(width, y["train"].shape[1]))
         opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
         for epoch in range(1, max_epochs + 1):
             for rows in torch.randperm(len(x["train"])).split(64):
@@ -132,11 +139,9 @@ def mlp_probe(split_features, shards: Path, survey: str, seed: int = 0, max_epoc
             if epoch % 5:
                 continue
             with torch.no_grad():
-                val = net(x["val"]).numpy()
-                r = weighted_mean_r(val, np.nan_to_num(fitted["val"][2]), np.isfinite(fitted["val"][2]),
-                                    np.ones((1, len(val))))[0]
+                r = _mean_r(net(x["val"]).numpy(), fitted["val"][2])
                 if best is None or r > best[0]:
-                    best = (r, net(x["test"]).numpy(), {"input": option, "epoch": epoch, "val_r": float(r)})
+                    best = (r, net(x["test"]).numpy(), {"input": option, "epoch": epoch, "val_r": r})
     return fitted["test"][0], best[1], best[2]
 
 

@@ -2,9 +2,9 @@
 
 Every folder given is a bench/ssl_bench.py --out on one mock sky (its --seed); each needs the runs the two targets
 compare (`--targets` makes just those). Per survey it prints each sky's frozen ridge probe and MLP head stage (SSL
-and random) and head-first fine-tuning against scratch with 10% of the labels, then the mean over skies: each sky bootstrapped over
-its own test galaxies (the seed of its runs), the skies' resamples averaged, so the pooled interval is a stratified
-bootstrap over skies that are independent draws of the mock. Reads the kept runs; trains nothing.
+and random) and head-first fine-tuning against scratch with 10% of the labels, then the mean over skies: each sky
+bootstrapped over its own test galaxies (the seed of its runs), the skies' resamples averaged, so the pooled interval
+is a stratified bootstrap over skies that are independent draws of the mock. Reads the kept runs; trains nothing.
 
     python bench/ssl_bench.py --out runs/bench_ssl_s2 --seed 2 --targets    # a new sky: ~20 min
     python bench/ssl_skies.py runs/bench_ssl runs/bench_ssl_s1 runs/bench_ssl_s2

@@ -122,7 +122,8 @@ def test_another_arm_can_be_judged_in_the_recipes_place(tmp_path, monkeypatch):
     out = tmp_path / "s0"
     for run in ssl_skies.needed(TARGET_RUNS):
         (out / "runs" / run).mkdir(parents=True)
-    with pytest.raises(ValueError, match=r"ssl_long/export/backbone, mlp_head_long/export, ft_long_10pct_lpft/export.*'long' arm"):
+    missing = r"ssl_long/export/backbone, mlp_head_long/export, ft_long_10pct_lpft/export.*'long' arm"
+    with pytest.raises(ValueError, match=missing):
         ssl_skies.sky_seed(out, "long")
     # The judged arms are read from the recipe's runs: the verdict follows them.
     arms = _sky(out, 0)
