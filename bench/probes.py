@@ -152,16 +152,20 @@ def ridge_predictions(backbone_dir: Path, shards: Path, survey: str) -> tuple[li
 
 
 @torch.no_grad()
-def model_predictions(run: Path, shards: Path, survey: str, split: str) -> tuple[list[str], np.ndarray]:
+def model_predictions(run: Path, shards: Path, survey: str, split: str,
+                      model: torch.nn.Module | None = None) -> tuple[list[str], np.ndarray]:
+    """A training run's predictions on a split, with its loader's evaluation input; of its export, or of `model`
+    (the run's model with other weights, e.g. an earlier checkpoint's)."""
     from loaders.evaluation import iter_eval_batches
     from models.io import load_export
     from train.config import load_train_config
     cfg = dataclasses.replace(load_train_config(run / "config.yaml").data.loader, shard_root=str(shards))
-    model = load_export(run / "export").eval()
+    model = (model if model is not None else load_export(run / "export")).eval()
     keys, preds = [], []
     for part in ("train", "val", "test") if split == "all" else (split,):
         for batch in iter_eval_batches(cfg, survey, part, batch_size=128, max_samples=None):
-            preds.append(model.fractions(model(batch.images)).numpy())
+            with torch.no_grad():
+                preds.append(model.fractions(model(batch.images)).numpy())
             keys += batch.keys
     return keys, np.concatenate(preds)
 
