@@ -44,6 +44,8 @@ def runs_and_pairs(recipe: str = "ssl", also: list[str] = ()) -> tuple[dict[str,
     runs, pairs = target_runs(recipe), list(TARGET_PAIRS)
     for run in also:
         arm, against = (run, "ssl lpft 10pct") if run.startswith("ft_") else (extra_arm(run), "ridge ssl")
+        if arm in runs:  # the recipe's own run beside another judged arm: "ssl" under --recipe long
+            arm = f"{arm} (--also {run})"
         runs[arm] = run if run.startswith("ft_") else f"{run}/export/backbone"
         pairs.append((arm, against))
     return runs, pairs

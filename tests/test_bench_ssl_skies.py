@@ -89,6 +89,11 @@ def test_other_runs_are_pooled_paired_with_their_target_arm(tmp_path, monkeypatc
     runs, pairs = ssl_skies.runs_and_pairs("ssl", ["ssl_long", "ft_long_10pct_lpft"])
     assert runs["ridge long"] == "ssl_long/export/backbone" and runs["ft_long_10pct_lpft"] == "ft_long_10pct_lpft"
     assert pairs[-2:] == [("ridge long", "ridge ssl"), ("ft_long_10pct_lpft", "ssl lpft 10pct")]
+    # The recipe's own runs beside another judged arm keep their own names: nothing is read twice or lost.
+    runs_long, pairs_long = ssl_skies.runs_and_pairs("long", ["ssl", "ft_ssl_10pct_lpft"])
+    assert runs_long["ridge ssl"] == "ssl_long/export/backbone"
+    assert runs_long["ridge ssl (--also ssl)"] == "ssl/export/backbone"
+    assert pairs_long[-2:] == [("ridge ssl (--also ssl)", "ridge ssl"), ("ft_ssl_10pct_lpft", "ssl lpft 10pct")]
     out = tmp_path / "s0"
     for run in ssl_skies.needed(ssl_skies.target_runs()):
         (out / "runs" / run).mkdir(parents=True)
