@@ -8,7 +8,9 @@ the total); second-moment ellipticity; the peak. A frozen backbone whose feature
 these has not learned even what a photometric catalog knows about the galaxies.
 
 With --mlp, each is also read by the same MLP (bench.probes.mlp_probe: the base model's head widths, epoch chosen on
-val), so that a nonlinear read of a backbone's features is compared with a nonlinear read of the photometry.
+val), so that a nonlinear read of a backbone's features is compared with a nonlinear read of the photometry. With
+--joint, also by one MLP fitted on the three surveys' train splits together (bench.probes.joint_mlp_probe), as the
+SSL benchmark's MLP head stage reads a backbone on the mix: the two inputs then have the same reader.
 
     python bench/photometry_probe.py --shards runs/bench_ssl/shards \\
         --backbone ssl=runs/bench_ssl/runs/ssl/export/backbone --backbone random=runs/bench_ssl/runs/random_backbone
@@ -27,7 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.report import write_report  # noqa: E402
-from bench.probes import eval_input, features, mlp_probe, ridge_predictions, ridge_probe, score  # noqa: E402
+from bench.probes import (eval_input, features, joint_mlp_probe, mlp_probe, ridge_predictions, ridge_probe,  # noqa: E402
+                          score)
 from bench.ssl_targets import LABELLED  # noqa: E402
 
 
@@ -65,6 +68,15 @@ def split_photometry(shards: Path, survey: str, split: str) -> tuple[list[str], 
     return keys, {"photometry": np.concatenate(out)}
 
 
+def joint_arms(photometry_of: dict, backbones: dict[str, str], args: argparse.Namespace) -> dict[str, tuple]:
+    """{name: ({survey: test keys}, {survey: predictions})} of one MLP per input fitted on the three surveys."""
+    inputs = {"photometry": photometry_of}
+    for name, folder in backbones.items():
+        inputs[name] = {survey: (lambda split, survey=survey, folder=folder:
+                                 features(Path(folder), args.shards, survey, split)) for survey in LABELLED}
+    return {name: joint_mlp_probe(of, args.shards, args.seed)[:2] for name, of in inputs.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=Path, default=REPO / "runs" / "bench_ssl" / "shards",
@@ -74,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                              "repeatable, e.g. ssl=runs/bench_ssl/runs/ssl/export/backbone")
     parser.add_argument("--mlp", action="store_true",
                         help="also an MLP probe of the photometry and of each backbone, paired the same way")
+    parser.add_argument("--joint", action="store_true",
+                        help="also one MLP fitted on the three surveys together, of the photometry and of each "
+                             "backbone, paired the same way")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "photometry_probe.json")
@@ -82,9 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {args.shards} lacks the labelled surveys {LABELLED}; run bench/ssl_bench.py first "
                          "or pass --shards")
     backbones = dict(item.split("=", 1) for item in args.backbone)
+    photometry_of = {survey: functools.cache(lambda split, survey=survey: split_photometry(args.shards, survey, split))
+                     for survey in LABELLED}
+    joint = joint_arms(photometry_of, backbones, args) if args.joint else {}
     rows = []
     for survey in LABELLED:
-        photometry = functools.cache(lambda split, survey=survey: split_photometry(args.shards, survey, split))
+        photometry = photometry_of[survey]
         keys, pred, choice = ridge_probe(photometry, args.shards, survey)
         arms = {"ridge photometry": (keys, pred)}
         arms.update({f"ridge {name}": ridge_predictions(Path(folder), args.shards, survey)[:2]
@@ -96,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
                 arms[f"mlp {name}"] = mlp_probe(lambda split: features(Path(folder), args.shards, survey, split),
                                                 args.shards, survey, args.seed)[:2]
                 pairs.append((f"mlp {name}", "mlp photometry"))
+        for name, (keys_of, preds_of) in joint.items():
+            arms[f"joint {name}"] = (keys_of[survey], preds_of[survey])
+            if name != "photometry":
+                pairs.append((f"joint {name}", "joint photometry"))
         row = score(arms, args.shards, survey, "test", pairs, args)
         rows.append({**row, "alpha": choice["alpha"]})
         cells = "  ".join(f"{name} {v['r']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]" for name, v in row["arms"].items())

@@ -115,34 +115,48 @@ def mlp_probe(split_features, shards: Path, survey: str, seed: int = 0, max_epoc
     """ridge_probe's nonlinear twin: an MLP (the base model's head widths, GELU, AdamW lr 1e-3, weight decay 0.05,
     batch 64, masked MSE on the labelled fractions) on standardised inputs, with the input option and the epoch
     (checked every 5) chosen by val mean r; test-split predictions at that choice."""
-    fitted, best = _fitted(split_features, shards, survey), None
-    for option in fitted["train"][1]:
+    keys, preds, choice = joint_mlp_probe({survey: split_features}, shards, seed, max_epochs, hidden)
+    return keys[survey], preds[survey], choice
+
+
+def joint_mlp_probe(features_of: dict, shards: Path, seed: int = 0, max_epochs: int = 300,
+                    hidden: tuple[int, ...] = (512, 256)) -> tuple[dict, dict, dict]:
+    """mlp_probe fitted on several surveys' train splits at once ({survey: split_features}), as a head stage on a mix
+    reads a backbone: one MLP, inputs standardised over the pooled train split, input and epoch chosen by the mean
+    over surveys of each one's val mean r. ({survey: test keys}, {survey: test predictions}, the choice)."""
+    fitted = {survey: _fitted(split_features, shards, survey) for survey, split_features in features_of.items()}
+    surveys, best = list(fitted), None
+    counts = {split: np.cumsum([0, *(len(fitted[s][split][0]) for s in surveys)]) for split in ("val", "test")}
+    for option in fitted[surveys[0]]["train"][1]:
         torch.manual_seed(seed)
-        train_x = fitted["train"][1][option]
-        mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-        x = {s: torch.tensor((f[1][option] - mean) / std, dtype=torch.float32) for s, f in fitted.items()}
-        y = {s: torch.tensor(np.nan_to_num(f[2]), dtype=torch.float32) for s, f in fitted.items()}
-        mask = {s: torch.tensor(np.isfinite(f[2]), dtype=torch.float32) for s, f in fitted.items()}
+        pooled = {split: (np.concatenate([fitted[s][split][1][option] for s in surveys]),
+                          np.concatenate([fitted[s][split][2] for s in surveys])) for split in ("train", "val", "test")}
+        mean, std = pooled["train"][0].mean(0), pooled["train"][0].std(0) + 1e-6
+        x = {split: torch.tensor((v[0] - mean) / std, dtype=torch.float32) for split, v in pooled.items()}
+        y, mask = torch.tensor(np.nan_to_num(pooled["train"][1])), torch.tensor(np.isfinite(pooled["train"][1]))
         layers, width = [], x["train"].shape[1]
         for size in hidden:
             layers += [torch.nn.Linear(width, size), torch.nn.GELU()]
             width = size
-        net = torch.nn.Sequential(*layers, torch.nn.Linear(width, y["train"].shape[1]))
+        net = torch.nn.Sequential(*layers, torch.nn.Linear(width, y.shape[1]))
         opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
         for epoch in range(1, max_epochs + 1):
             for rows in torch.randperm(len(x["train"])).split(64):
-                m = mask["train"][rows]
-                loss = (((net(x["train"][rows]) - y["train"][rows]) ** 2) * m).sum() / m.sum().clamp(min=1)
+                m = mask[rows].float()
+                loss = (((net(x["train"][rows]) - y[rows].float()) ** 2) * m).sum() / m.sum().clamp(min=1)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
             if epoch % 5:
                 continue
             with torch.no_grad():
-                r = _mean_r(net(x["val"]).numpy(), fitted["val"][2])
+                val, cut = net(x["val"]).numpy(), counts["val"]
+                r = float(np.mean([_mean_r(val[cut[i]:cut[i + 1]], fitted[s]["val"][2]) for i, s in enumerate(surveys)]))
                 if best is None or r > best[0]:
                     best = (r, net(x["test"]).numpy(), {"input": option, "epoch": epoch, "val_r": r})
-    return fitted["test"][0], best[1], best[2]
+    cut = counts["test"]
+    return ({s: fitted[s]["test"][0] for s in surveys},
+            {s: best[1][cut[i]:cut[i + 1]] for i, s in enumerate(surveys)}, best[2])
 
 
 @functools.cache  # the recipe's teacher is probed again beside every variant
