@@ -10,6 +10,8 @@ pooled over skies as bench/ssl_skies.py pools them (each sky bootstrapped over i
 the resamples averaged). Trains nothing.
 
     python bench/ssl_early.py runs/bench_ssl_s2 runs/bench_ssl_s3 --run "ssl lpft=x_es_lpft" --run scratch=x_es_scratch
+    python bench/ssl_early.py runs/bench_ssl_s2 --run "ssl lpft jit=x_jit_lpft" --run "scratch jit=x_jit_scratch" \
+        --run "ssl lpft=x_es_lpft" --run scratch=x_es_scratch     # both arms with and without a change
 
 The checkpoints are read as DeepSpeed writes them under ZeRO 0-2 (the whole model in mp_rank_00_model_states.pt).
 """
@@ -91,10 +93,16 @@ def sky_arms(out: Path, runs: dict[str, str], steps: dict[str, int]) -> dict[str
 
 
 def pairs_of(names: list[str]) -> list[tuple[str, str]]:
-    """The first arm against the second at the chosen and at the last steps, then each arm's chosen against its last."""
+    """The first arm against the second at the chosen and at the last steps; with four, the third against the fourth
+    too (the same comparison under another setting), and at the last step each of the first two against its twin
+    among the last two; then each arm's chosen step against its last."""
     first, second = names[:2]
-    return [(f"{first} best", f"{second} best"), (f"{first} last", f"{second} last"),
-            *((f"{name} best", f"{name} last") for name in names)]
+    pairs = [(f"{first} best", f"{second} best"), (f"{first} last", f"{second} last")]
+    if len(names) == 4:
+        third, fourth = names[2:]
+        pairs += [(f"{third} best", f"{fourth} best"), (f"{third} last", f"{fourth} last"),
+                  (f"{first} last", f"{third} last"), (f"{second} last", f"{fourth} last")]
+    return [*pairs, *((f"{name} best", f"{name} last") for name in names)]
 
 
 def pool(outs: list[Path], runs: dict[str, str], num_resamples: int) -> tuple[list[dict], dict]:
@@ -137,8 +145,9 @@ def parse_runs(specs: list[str]) -> dict[str, str]:
         if not sep or not name.strip() or not run.strip():
             raise ValueError(f"--run {spec!r}: write NAME=RUN, e.g. 'ssl lpft=x_es_lpft' (RUN under each OUT/runs)")
         runs[name.strip()] = run.strip()
-    if len(runs) < 2:
-        raise ValueError("give two --run (the arm first, then what it is compared with, e.g. scratch)")
+    if len(runs) not in (2, 4):
+        raise ValueError("give two --run (the arm first, then what it is compared with, e.g. scratch), or four (the "
+                         "same two under a second setting after them)")
     return runs
 
 
@@ -146,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("outs", nargs="+", type=Path, metavar="OUT", help="bench/ssl_bench.py --out folders (skies)")
     parser.add_argument("--run", action="append", default=[], metavar="NAME=RUN",
-                        help="an arm and its run under each OUT/runs; the first is compared with the second (default: "
-                             "'ssl lpft=x_es_lpft' and 'scratch=x_es_scratch')")
+                        help="an arm and its run under each OUT/runs; the first is compared with the second, a "
+                             "third with a fourth, and each of the first two with its twin among the last two "
+                             "(default: 'ssl lpft=x_es_lpft' and 'scratch=x_es_scratch')")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per sky")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "ssl_early.json")
     args = parser.parse_args(argv)

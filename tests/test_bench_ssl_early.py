@@ -31,6 +31,11 @@ def test_the_best_val_step_is_the_earliest_of_ties(tmp_path):
         ssl_early.val_curve(tmp_path / "b")
     with pytest.raises(ValueError, match="NAME=RUN"):
         ssl_early.parse_runs(["x_es_lpft", "scratch=x_es_scratch"])
+    with pytest.raises(ValueError, match="four"):
+        ssl_early.parse_runs(["a=x", "b=y", "c=z"])
+    assert ssl_early.pairs_of(["a", "b", "c", "d"])[:6] == [
+        ("a best", "b best"), ("a last", "b last"), ("c best", "d best"), ("c last", "d last"), ("a last", "c last"),
+        ("b last", "d last")]
 
 
 def test_a_checkpoint_step_gives_the_weights_training_had_then(shard_root, tmp_path):
