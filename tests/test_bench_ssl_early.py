@@ -2,13 +2,11 @@
 
 import json
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 from bench import ssl_early
-from sharding.schema import load_schema
+from bench_cases import noisy_sky
 from train_cases import _command, _overrides, _run
 
 
@@ -54,22 +52,10 @@ def test_a_checkpoint_step_gives_the_weights_training_had_then(shard_root, tmp_p
         ssl_early.model_at(out, 3)
 
 
-def _sky(root, seed, num=200):
-    """Test labels of the three surveys, and arms whose noise sets their mean r: at their best step SSL and scratch
-    are level, at their last step scratch has overfit (noisier)."""
-    rng = np.random.default_rng(seed)
-    names = load_schema().names
-    arms = {}
-    for survey in ("sdss", "decals", "hst"):
-        truth = rng.random((num, len(names))).astype(np.float32)
-        keys = [f"{survey}-{seed}-{i}" for i in range(num)]
-        (root / "shards" / survey).mkdir(parents=True)
-        pd.DataFrame({"key": keys, "split": "test", **dict(zip(names, truth.T))}).to_parquet(
-            root / "shards" / survey / "labels.parquet")
-        noise = {"ssl lpft best": 0.3, "ssl lpft last": 0.3, "scratch best": 0.3, "scratch last": 0.6}
-        arms[survey] = {arm: (keys, truth + s * rng.standard_normal(truth.shape).astype(np.float32))
-                        for arm, s in noise.items()}
-    return arms
+def _sky(root, seed):
+    """At their best step SSL and scratch are level; at their last step scratch has overfit (noisier)."""
+    return noisy_sky(root, seed, {"ssl lpft best": 0.3, "ssl lpft last": 0.3, "scratch best": 0.3, "scratch last": 0.6},
+                     num=200)
 
 
 def test_a_gain_that_early_stopping_takes_away_is_not_met(tmp_path, monkeypatch):
