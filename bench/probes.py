@@ -133,7 +133,8 @@ def joint_mlp_probe(features_of: dict, shards: Path, seed: int = 0, max_epochs: 
                           np.concatenate([fitted[s][split][2] for s in surveys])) for split in ("train", "val", "test")}
         mean, std = pooled["train"][0].mean(0), pooled["train"][0].std(0) + 1e-6
         x = {split: torch.tensor((v[0] - mean) / std, dtype=torch.float32) for split, v in pooled.items()}
-        y, mask = torch.tensor(np.nan_to_num(pooled["train"][1])), torch.tensor(np.isfinite(pooled["train"][1]))
+        y = torch.tensor(np.nan_to_num(pooled["train"][1]), dtype=torch.float32)
+        mask = torch.tensor(np.isfinite(pooled["train"][1]), dtype=torch.float32)
         layers, width = [], x["train"].shape[1]
         for size in hidden:
             layers += [torch.nn.Linear(width, size), torch.nn.GELU()]
@@ -142,8 +143,8 @@ def joint_mlp_probe(features_of: dict, shards: Path, seed: int = 0, max_epochs: 
         opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
         for epoch in range(1, max_epochs + 1):
             for rows in torch.randperm(len(x["train"])).split(64):
-                m = mask[rows].float()
-                loss = (((net(x["train"][rows]) - y[rows].float()) ** 2) * m).sum() / m.sum().clamp(min=1)
+                m = mask[rows]
+                loss = (((net(x["train"][rows]) - y[rows]) ** 2) * m).sum() / m.sum().clamp(min=1)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -178,8 +179,7 @@ def model_predictions(run: Path, shards: Path, survey: str, split: str,
     keys, preds = [], []
     for part in ("train", "val", "test") if split == "all" else (split,):
         for batch in iter_eval_batches(cfg, survey, part, batch_size=128, max_samples=None):
-            with torch.no_grad():
-                preds.append(model.fractions(model(batch.images)).numpy())
+            preds.append(model.fractions(model(batch.images)).numpy())
             keys += batch.keys
     return keys, np.concatenate(preds)
 

@@ -82,13 +82,14 @@ def sky_seed(out: Path, runs: dict[str, str]) -> int:
 
 def sky_arms(out: Path, runs: dict[str, str], steps: dict[str, int]) -> dict[str, dict[str, tuple]]:
     """{survey: {arm: (keys, predictions)}}: each run at its chosen step ("<name> best") and last ("<name> last")."""
+    from models.io import load_export
     arms = {survey: {} for survey in LABELLED}
     for name, run in runs.items():
         folder = out / "runs" / run
-        best = model_at(folder, steps[name])
+        models = {"best": model_at(folder, steps[name]), "last": load_export(folder / "export")}
         for survey in LABELLED:
-            arms[survey][f"{name} best"] = model_predictions(folder, out / "shards", survey, "test", best)
-            arms[survey][f"{name} last"] = model_predictions(folder, out / "shards", survey, "test")
+            for when, model in models.items():
+                arms[survey][f"{name} {when}"] = model_predictions(folder, out / "shards", survey, "test", model)
     return arms
 
 

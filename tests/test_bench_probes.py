@@ -20,9 +20,8 @@ def _survey(root, num=900, seed=0, survey="sdss", distractors=0):
     truth = 1 / (1 + np.exp(-truth))
     y = (truth + 0.05 * rng.standard_normal(truth.shape)).astype(np.float32)
     y[rng.random(y.shape) < 0.2] = np.nan
-    keys = [f"g{i}" for i in range(num)]
+    keys = [f"{survey}-{i}" for i in range(num)]
     split = np.array(["train"] * (num * 2 // 3) + ["val"] * (num // 6) + ["test"] * (num - num * 2 // 3 - num // 6))
-    keys = [f"{survey}-{k}" for k in keys]
     (root / survey).mkdir(parents=True)
     pd.DataFrame({"key": keys, "split": split, **dict(zip(names, y.T))}).to_parquet(root / survey / "labels.parquet")
     noise = rng.standard_normal((num, 4)).astype(np.float32)
