@@ -1,4 +1,4 @@
-"""The 10%-label comparison with each arm at its best validation step (early stopping), per sky and pooled (issue 17).
+r"""The 10%-label comparison with each arm at its best validation step (early stopping), per sky and pooled (issue 17).
 
 The SSL benchmark fine-tunes every arm for a fixed 1,000 steps. With ~120 labelled galaxies per survey a model
 trained from scratch can overfit long before that, and a user would keep the step its val split liked best; then the
@@ -13,7 +13,8 @@ the resamples averaged). Trains nothing.
     python bench/ssl_early.py runs/bench_ssl_s2 --run "ssl lpft jit=x_jit_lpft" --run "scratch jit=x_jit_scratch" \
         --run "ssl lpft=x_es_lpft" --run scratch=x_es_scratch     # both arms with and without a change
 
-The checkpoints are read as DeepSpeed writes them under ZeRO 0-2 (the whole model in mp_rank_00_model_states.pt).
+A checkpoint's weights are read as the export reads them (train.engine.saved_weights: the fp32 masters gathered
+from ZeRO 1-3 partitions; under ZeRO 0, fp32 runs only).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from bench.report import write_report  # noqa: E402
 from bench.ssl_targets import LABELLED  # noqa: E402
 
 GAIN_TARGET = 0.05
-MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
 def val_curve(run: Path) -> dict[int, float]:
@@ -65,10 +65,9 @@ def model_at(run: Path, step: int) -> torch.nn.Module:
         raise ValueError(f"{run} has no complete checkpoint of step {step} ({folder}): its step was chosen on val, so "
                          "run it with checkpoint_every equal to val_every and keep_checkpoints large enough to keep "
                          "them all")
+    from train.engine import saved_weights
     model = load_export(run / "export")
-    # The module's state is the whole model under ZeRO 0-2 (ZeRO-3 would need DeepSpeed's gathering).
-    state = torch.load(folder / MODEL_STATES, map_location="cpu", weights_only=False)["module"]
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(saved_weights(checkpoint_root(run), tag_for(step)), strict=True)
     return model.eval()
 
 

@@ -36,13 +36,15 @@ def test_the_best_val_step_is_the_earliest_of_ties(tmp_path):
         ("b last", "d last")]
 
 
-def test_a_checkpoint_step_gives_the_weights_training_had_then(shard_root, tmp_path):
-    """A real 2-process ZeRO-2 run: its last checkpoint read by model_at is the export training wrote (another
-    writer), an earlier one differs, and a step without a checkpoint says how to make one."""
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_a_checkpoint_step_gives_the_weights_training_had_then(shard_root, tmp_path, zero_stage):
+    """A real 2-process run: its last checkpoint read by model_at is the export training wrote (another writer;
+    under ZeRO-3 each rank saved only its partition), an earlier one differs, and a step without a checkpoint says
+    how to make one."""
     from models.io import load_export
     out = tmp_path / "run"
-    _run(_command(2, out, 4, _overrides(shard_root, stage="full", zero_stage=2, checkpoint_every=2, val_every=2,
-                                        keep_checkpoints=10)))
+    _run(_command(2, out, 4, _overrides(shard_root, stage="full", zero_stage=zero_stage, checkpoint_every=2,
+                                        val_every=2, keep_checkpoints=10)))
     assert sorted(ssl_early.val_curve(out)) == [2, 4]
     exported = load_export(out / "export").state_dict()
     last, early = ssl_early.model_at(out, 4).state_dict(), ssl_early.model_at(out, 2).state_dict()
@@ -50,6 +52,18 @@ def test_a_checkpoint_step_gives_the_weights_training_had_then(shard_root, tmp_p
     assert any(not torch.equal(early[k], last[k]) for k in last)
     with pytest.raises(ValueError, match="checkpoint_every"):
         ssl_early.model_at(out, 3)
+
+
+def test_a_zero0_checkpoint_is_read_in_fp32_and_refused_in_bf16(tmp_path):
+    from train.engine import saved_weights
+    folder = tmp_path / "step2"
+    folder.mkdir()
+    torch.save({"module": {"w": torch.arange(3.0), "count": torch.tensor(7)}}, folder / "mp_rank_00_model_states.pt")
+    weights = saved_weights(tmp_path, "step2")
+    assert torch.equal(weights["w"], torch.arange(3.0)) and int(weights["count"]) == 7
+    torch.save({"module": {"w": torch.arange(3.0).bfloat16()}}, folder / "mp_rank_00_model_states.pt")
+    with pytest.raises(ValueError, match=r"step2 is a ZeRO stage 0 checkpoint in torch.bfloat16 \(w"):
+        saved_weights(tmp_path, "step2")
 
 
 def _sky(root, seed):

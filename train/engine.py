@@ -247,6 +247,22 @@ class Engine:
         return weights
 
 
+def saved_weights(directory: Path, tag: str) -> dict[str, torch.Tensor]:
+    """A saved checkpoint's weights read offline, with no engine or process group: the fp32 masters gathered from
+    the ZeRO 1-3 partitions of <directory>/<tag> (as the export reads them), or under ZeRO 0 the module's state,
+    which is fp32 only where training was."""
+    folder = directory / tag
+    if any(folder.glob("*zero_pp_rank_*_optim_states.pt")):
+        return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+    weights = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    low = sorted(name for name, tensor in weights.items() if tensor.is_floating_point() and tensor.dtype != torch.float32)
+    if low:
+        raise ValueError(f"{folder} is a ZeRO stage 0 checkpoint in {weights[low[0]].dtype} ({low[0]}, ...): its fp32 "
+                         "masters live in the optimizer's state, not the module's. Read the run's export, or train "
+                         "with zero_stage 1-3 to read any checkpoint.")
+    return weights
+
+
 def convert_to_universal(source: Path, target: Path) -> None:
     """DeepSpeed's ds_to_universal: a ZeRO checkpoint folder -> its universal form, loadable on any world size."""
     workers = str(max(1, min(4, os.cpu_count() or 1)))
