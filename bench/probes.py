@@ -215,6 +215,25 @@ def summarise(resampled: dict[str, np.ndarray], pairs: list[tuple[str, str]], ro
     return out
 
 
+def sky_rows(skies: list[tuple[int, Path, dict]], survey: str, pairs: list[tuple[str, str]],
+             num_resamples: int) -> list[dict]:
+    """One survey's rows over mock skies given as (seed, shards, arms): each sky bootstrapped over its own test
+    galaxies with its seed, then, with several, the mean of the skies' resamples (a stratified bootstrap over skies
+    that are independent draws of the mock)."""
+    rows, values, total = [], [], 0
+    for seed, shards, arms in skies:
+        num, resampled = resample(arms, shards, survey, "test", num_resamples, seed)
+        values.append(resampled)
+        total += num
+        rows.append({**summarise(resampled, pairs, {"survey": survey, "split": f"test, sky {seed}", "n": num}),
+                     "sky": seed})
+    if len(skies) > 1:
+        mean = {arm: np.mean([sky[arm] for sky in values], axis=0) for arm in values[0]}
+        split = f"test, mean of skies {[seed for seed, _, _ in skies]}"
+        rows.append({**summarise(mean, pairs, {"survey": survey, "split": split, "n": total}), "sky": "pooled"})
+    return rows
+
+
 def print_rows(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
     for row in rows:

@@ -30,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.probes import model_predictions, print_rows, resample, summarise  # noqa: E402
+from bench.probes import model_predictions, print_rows, sky_rows  # noqa: E402
 from bench.report import write_report  # noqa: E402
 from bench.ssl_targets import LABELLED  # noqa: E402
 
@@ -59,15 +59,15 @@ def model_at(run: Path, step: int) -> torch.nn.Module:
     """The run's model with its weights at `step`: the export's architecture, the checkpoint's parameters."""
     from models.io import load_export
     from train.checkpoint import checkpoint_root, tag_for
+    from train.engine import saved_weights
     from train.publish import is_complete
     folder = checkpoint_root(run) / tag_for(step)
     if not is_complete(folder):
         raise ValueError(f"{run} has no complete checkpoint of step {step} ({folder}): its step was chosen on val, so "
                          "run it with checkpoint_every equal to val_every and keep_checkpoints large enough to keep "
                          "them all")
-    from train.engine import saved_weights
     model = load_export(run / "export")
-    model.load_state_dict(saved_weights(checkpoint_root(run), tag_for(step)), strict=True)
+    model.load_state_dict(saved_weights(folder.parent, folder.name), strict=True)
     return model.eval()
 
 
@@ -107,9 +107,7 @@ def pairs_of(names: list[str]) -> list[tuple[str, str]]:
 
 def pool(outs: list[Path], runs: dict[str, str], num_resamples: int) -> tuple[list[dict], dict]:
     """Rows per survey (each sky, then pooled when there are several) and each run's chosen step per sky."""
-    pairs, chosen, values = pairs_of(list(runs)), {}, {survey: [] for survey in LABELLED}
-    sizes = {survey: 0 for survey in LABELLED}
-    rows, seeds = [], [sky_seed(out, runs) for out in outs]
+    chosen, arms_of, seeds = {}, {}, [sky_seed(out, runs) for out in outs]
     if len(set(seeds)) < len(seeds):
         raise ValueError(f"skies {[str(o) for o in outs]} ran with seeds {seeds}: pool different skies")
     for out, seed in zip(outs, seeds):
@@ -118,18 +116,12 @@ def pool(outs: list[Path], runs: dict[str, str], num_resamples: int) -> tuple[li
         chosen[seed] = {name: {"step": steps[name], "val_r": curves[name][steps[name]],
                                "last": max(curves[name]), "val_r_last": curves[name][max(curves[name])]}
                         for name in runs}
-        for survey, arms in sky_arms(out, runs, steps).items():
-            num, resampled = resample(arms, out / "shards", survey, "test", num_resamples, seed)
-            values[survey].append(resampled)
-            sizes[survey] += num
-            rows.append({**summarise(resampled, pairs, {"survey": survey, "split": f"test, sky {seed}", "n": num}),
-                         "sky": seed})
-    if len(outs) > 1:
-        for survey in LABELLED:
-            mean = {arm: np.mean([sky[arm] for sky in values[survey]], axis=0) for arm in values[survey][0]}
-            split = f"test, mean of skies {seeds}"
-            rows.append({**summarise(mean, pairs, {"survey": survey, "split": split, "n": sizes[survey]}),
-                         "sky": "pooled"})
+        arms_of[seed] = sky_arms(out, runs, steps)
+    rows = [row for survey in LABELLED for row in sky_rows(
+        [(seed, out / "shards", arms_of[seed][survey]) for out, seed in zip(outs, seeds)], survey, pairs_of(list(runs)),
+        num_resamples)]
+    order = [*seeds, "pooled"]
+    rows.sort(key=lambda row: order.index(row["sky"]))  # stable: each sky's surveys together, as the table reads
     for row in rows:
         row["met"] = {f"10pct at {when}": gain["r"] >= GAIN_TARGET and gain["lo"] > 0
                       for when, gain in zip(("the best val steps", "the last step"), row["pairs"])}

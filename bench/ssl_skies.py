@@ -18,13 +18,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.probes import print_rows, resample, summarise  # noqa: E402
+from bench.probes import print_rows, sky_rows  # noqa: E402
 from bench.report import write_report  # noqa: E402
 from bench.ssl_targets import LABELLED, TARGET_PAIRS, target_arms, target_runs  # noqa: E402
 
@@ -91,19 +90,8 @@ def pool(outs: list[Path], num_resamples: int, extra: list[str] = (), recipe: st
         raise ValueError(f"skies {[str(o) for o in outs]} ran with seeds {seeds}: pool different skies (--seed)")
     rows = []
     for survey in LABELLED:
-        skies, sizes = [], []
-        for out, seed in zip(outs, seeds):
-            arms = target_arms(out, survey, runs)
-            num, values = resample(arms, out / "shards", survey, "test", num_resamples, seed)
-            skies.append(values)
-            sizes.append(num)
-            row = summarise(values, pairs, {"survey": survey, "split": f"test, sky {seed}", "n": num})
-            rows.append({**row, "sky": seed, "met": verdict(row)})
-        if len(outs) == 1:
-            continue
-        pooled = {arm: np.mean([sky[arm] for sky in skies], axis=0) for arm in skies[0]}
-        row = summarise(pooled, pairs, {"survey": survey, "split": f"test, mean of skies {seeds}", "n": sum(sizes)})
-        rows.append({**row, "sky": "pooled", "met": verdict(row)})
+        skies = [(seed, out / "shards", target_arms(out, survey, runs)) for out, seed in zip(outs, seeds)]
+        rows += [{**row, "met": verdict(row)} for row in sky_rows(skies, survey, pairs, num_resamples)]
     return rows
 
 
